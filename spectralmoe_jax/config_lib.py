@@ -1,0 +1,83 @@
+"""Building blocks of the experiment configs in `configs/`.
+
+Every config is `base_config(data)` plus the few fields its benchmark changes: the released
+recipe (SPEC section 2) lives here once, and `configs/*.py` stay a screen long.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Released `paramwise_cfg.custom_keys` with decay_mult 0, as substrings of our parameter paths.
+NO_DECAY_KEYS = (
+    "norm", "query_embed", "query_feat", "level_embed",
+    "experts_a", "experts_b", "w_gate", "w_noise", "scale", "learnable_tokens",
+)
+
+
+def vfm_config(preset: str = "dinov3_vitl16", **overrides) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        preset=preset,
+        overrides=dict(overrides),
+        checkpoint="",         # a PyTorch (.pth / .safetensors / ...) or converted Orbax path
+        checkpoint_scheme="auto",
+        stem="cyclic",         # multispectral stem: 'cyclic' (released) or 'timm' (repeat, rescale)
+    ))
+
+
+def depth_config(bands=(0, 1, 2), preset: str = "promptda_vitl14", **overrides):
+    cfg = vfm_config(preset, **overrides)
+    cfg.enabled = True
+    cfg.bands = tuple(bands)      # which input bands feed the depth encoder as R, G, B
+    cfg.resize_patch_to = 16      # released: patch kernel 14 -> 16, pos-embed 37x37 -> 32x32
+    return cfg
+
+
+def adapter_config(kind: str = "spectral_moe", **overrides) -> ml_collections.ConfigDict:
+    cfg = dict(
+        enabled=True, kind=kind, num_experts=6, top_k=1, rank=16, num_tokens=100,
+        gate_p=2.0, fusion="attention", use_depth=True, dual_gating=True, use_moe=True,
+        link_token_to_query=True,
+    )
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+def decoder_config(num_classes: int, **overrides) -> ml_collections.ConfigDict:
+    cfg = dict(num_classes=num_classes)
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+def base_config(data: ml_collections.ConfigDict, *, num_steps: int,
+                vfm: str = "dinov3_vitl16") -> ml_collections.ConfigDict:
+    """The released SpectralMoE recipe on `data` (AdamW 1e-4, wd 0.05, poly 0.9, batch 8)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 42
+    config.distributed = False
+    config.data = data
+    config.model = ml_collections.ConfigDict(dict(
+        dtype="bfloat16",
+        vfm=vfm_config(vfm, in_channels=len(data.bands)),
+        depth=depth_config(bands=data.get("depth_bands", (0, 1, 2))),
+        adapter=adapter_config(),
+        decoder=decoder_config(data.num_classes),
+        feature_layers=(7, 11, 15, 23),
+    ))
+    config.loss = ml_collections.ConfigDict(dict(num_points=12544))
+    config.train = ml_collections.ConfigDict(dict(
+        batch_size=8, num_steps=num_steps, learning_rate=1e-4, weight_decay=0.05,
+        poly_power=0.9, warmup_steps=0, end_learning_rate=0.0, clip_grad_norm=0.0,
+        grad_accum_steps=1, no_decay_keys=NO_DECAY_KEYS, log_every=50,
+        checkpoint_every=max(num_steps // 10, 1), eval_every=max(num_steps // 10, 1),
+        keep_checkpoints=3, validate_data=True, tensorboard=True,
+    ))
+    config.eval = ml_collections.ConfigDict(dict(
+        mode="whole", window=512, stride=341, batch_size=4, flip=False, split="target",
+        report=True,
+    ))
+    config.predict = ml_collections.ConfigDict(dict(
+        window=512, overlap=128, flip=False, probabilities=False, routing_maps=False,
+    ))
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, fsdp=False))
+    return config

@@ -1,0 +1,103 @@
+"""Resampling of weight arrays exactly as PyTorch does it, and multispectral stem adaptation.
+
+`torch.nn.functional.interpolate(mode='bicubic', align_corners=False)` is separable, so each axis
+is one [out, in] matrix. Two kernels exist and are not the same as `jax.image.resize`:
+- antialias=False: Keys cubic convolution with a = -0.75, source coordinate
+  (i + 0.5) * scale - 0.5, out-of-range taps clamped to the border;
+- antialias=True (PIL-style): cubic with a = -0.5, support widened by the scale when
+  downsampling, taps outside the input dropped and the weights renormalised.
+`scale` is in/out, or 1/scale_factor when a scale factor is given (DINOv2's 0.1 offset).
+
+Used by the ViT at trace time (position embedding to the input grid) and by the converters
+(patch kernel 14 -> 16, position embedding to the target grid, as the released
+SpectralMoE `tools/convert_models` do).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def bicubic_matrix(n_in: int, n_out: int, *, scale_factor: float | None = None,
+                   antialias: bool = False) -> np.ndarray:
+    """[n_out, n_in] float64 matrix of torch's bicubic interpolation along one axis."""
+    scale = 1.0 / scale_factor if scale_factor else n_in / n_out
+    matrix = np.zeros((n_out, n_in))
+    rows = np.arange(n_out)
+    if not antialias:
+        source = scale * (rows + 0.5) - 0.5
+        base = np.floor(source)
+        t = source - base
+        for tap, distance in enumerate((t + 1, t, 1 - t, 2 - t)):
+            index = np.clip(base.astype(int) - 1 + tap, 0, n_in - 1)
+            np.add.at(matrix, (rows, index), _cubic(distance, -0.75))
+        return matrix
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
+    for i in rows:
+        centre = scale * (i + 0.5)
+        lo = max(int(centre - support + 0.5), 0)
+        hi = min(int(centre + support + 0.5), n_in)
+        taps = np.arange(lo, hi)
+        weights = _cubic((taps - centre + 0.5) * inv_scale, -0.5)
+        total = weights.sum()
+        matrix[i, taps] = weights / total if total != 0 else weights
+    return matrix
+
+
+def resize_bicubic(x: np.ndarray, size: tuple[int, int], *, axes: tuple[int, int] = (0, 1),
+                   scale_factor: tuple[float, float] | None = None,
+                   antialias: bool = False) -> np.ndarray:
+    """Resizes two axes of x like torch bicubic interpolate (align_corners=False)."""
+    out = np.asarray(x, dtype=np.float64)
+    for axis, n_out, factor in zip(axes, size, scale_factor or (None, None)):
+        matrix = bicubic_matrix(out.shape[axis], n_out, scale_factor=factor, antialias=antialias)
+        out = np.moveaxis(np.tensordot(matrix, np.moveaxis(out, axis, 0), axes=1), 0, axis)
+    return out.astype(np.asarray(x).dtype)
+
+
+def resize_patch_kernel(kernel: np.ndarray, patch_size: int) -> np.ndarray:
+    """HWIO patch-embedding kernel resized bicubically to patch_size x patch_size (14 -> 16)."""
+    return resize_bicubic(kernel, (patch_size, patch_size), axes=(0, 1))
+
+
+def resize_pos_embed(pos_embed: np.ndarray, grid: tuple[int, int], *, num_prefix: int = 1,
+                     source_grid: tuple[int, int] | None = None) -> np.ndarray:
+    """[P + h*w, D] position table: the patch part resized to `grid`, prefix rows kept."""
+    prefix, patches = pos_embed[:num_prefix], pos_embed[num_prefix:]
+    if source_grid is None:
+        side = math.isqrt(patches.shape[0])
+        if side * side != patches.shape[0]:
+            raise ValueError(f"position table of {patches.shape[0]} patches is not square; "
+                             "pass source_grid")
+        source_grid = (side, side)
+    patches = patches.reshape(*source_grid, -1)
+    patches = resize_bicubic(patches, grid, axes=(0, 1))
+    return np.concatenate([prefix, patches.reshape(-1, patches.shape[-1])], axis=0)
+
+
+def adapt_stem_cyclic(kernel: np.ndarray, in_channels: int) -> np.ndarray:
+    """Released SpectralMoE stem: input channel i copies pretrained channel i mod C (HWIO)."""
+    index = np.arange(in_channels) % kernel.shape[2]
+    return kernel[:, :, index, :]
+
+
+def adapt_stem_timm(kernel: np.ndarray, in_channels: int) -> np.ndarray:
+    """timm `adapt_input_conv` for an RGB kernel (HWIO): sum for 1 channel, else repeat the
+    RGB channels and rescale by 3 / C so the response to a grey input is unchanged."""
+    if kernel.shape[2] != 3:
+        raise ValueError(f"timm stem adaptation needs a 3-channel kernel, got {kernel.shape[2]}")
+    if in_channels == 1:
+        return kernel.sum(axis=2, keepdims=True)
+    if in_channels == 3:
+        return kernel
+    return adapt_stem_cyclic(kernel, in_channels) * np.float32(3 / in_channels)

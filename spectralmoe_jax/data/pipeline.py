@@ -1,0 +1,138 @@
+"""The grain input pipeline: shuffled, repeated, augmented, sharded per JAX process, batched.
+
+Element order and augmentation depend only on the seed: grain's `random_map` seeds each
+element's generator from (seed, position in the repeated stream), worker processes each take
+a slice of that stream and their outputs are interleaved back in order, and batching happens
+after the workers. So batches are identical whatever `num_workers`, and
+`get_state()`/`set_state()` resume exactly.
+
+Process p of P takes stream positions p, p + P, p + 2P, ...: step k of the global batch is
+positions [k B P, (k + 1) B P) of one shuffled stream, each process holding B of them.
+"""
+
+from __future__ import annotations
+
+import grain
+from absl import flags
+
+from spectralmoe_jax.data.sources import make_source
+from spectralmoe_jax.data.spec import DataError, dataset_spec
+from spectralmoe_jax.data.transforms import EvalTransform, TrainTransform
+
+
+def train_dataset(data_config, *, seed: int, batch_size: int, process_index: int = 0,
+                  process_count: int = 1, num_workers: int = 0, num_threads: int = 2,
+                  split: str = "source", start: int = 0) -> grain.IterDataset:
+    """The training pipeline as a grain `IterDataset`, from element `start` of this process's
+    stream; `batch_size` is per process."""
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index {process_index} is outside 0..{process_count - 1}")
+    if batch_size < 1:
+        raise DataError(f"batch_size {batch_size} must be positive")
+    spec = dataset_spec(data_config)
+    ds = (grain.MapDataset.source(make_source(spec, split))
+          .seed(seed)
+          .shuffle()                 # a new order every epoch (seed folded with the epoch)
+          .repeat(None)
+          .random_map(TrainTransform(spec)))
+    ds = ds[process_index::process_count][start:]
+    buffer = 2 * batch_size
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                              prefetch_buffer_size=buffer))
+    if num_workers > 0:
+        # grain reads an absl flag when it starts workers; outside `absl.app.run` (tests,
+        # notebooks, scripts) nothing has parsed flags, so take the defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                         per_worker_buffer_size=buffer))
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+class TrainIterator(grain.DatasetIterator):
+    """Checkpointable batch iterator whose state is the number of elements this process has
+    consumed: `{"position": n, "seed": s}`. It restores exactly with any `num_workers` or
+    `batch_size`, since the stream before batching depends only on the seed."""
+
+    def __init__(self, make_dataset, seed: int, batch_size: int):
+        super().__init__()
+        self._make_dataset = make_dataset
+        self._seed = seed
+        self._batch_size = batch_size
+        self._position = 0
+        self._iterator = iter(make_dataset(0))
+
+    def __next__(self) -> dict:
+        batch = next(self._iterator)
+        self._position += self._batch_size
+        return batch
+
+    def get_state(self) -> dict:
+        return {"position": self._position, "seed": self._seed}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("seed", self._seed) != self._seed:
+            raise DataError(f"the saved input state is for seed {state['seed']}, this iterator "
+                            f"uses seed {self._seed}")
+        self._iterator.close()
+        self._position = int(state["position"])
+        self._iterator = iter(self._make_dataset(self._position))
+
+    def close(self) -> None:
+        self._iterator.close()
+
+
+def make_train_iterator(data_config, *, seed: int, batch_size: int, process_index: int = 0,
+                        process_count: int = 1, num_workers: int = 0, num_threads: int = 2,
+                        split: str = "source") -> TrainIterator:
+    """Endless iterator of `{"image": float32 [B, H, W, C], "label": int32 [B, H, W]}` with
+    B = `batch_size` (this process's share of the global batch) and (H, W) = crop size.
+
+    `num_workers` > 0 runs the reading and augmentation in that many processes;
+    `num_threads` threads read in each process. `get_state()` is a small dict to store with
+    the checkpoint; `set_state()` continues from there.
+    """
+    def make_dataset(start: int) -> grain.IterDataset:
+        return train_dataset(data_config, seed=seed, batch_size=batch_size,
+                             process_index=process_index, process_count=process_count,
+                             num_workers=num_workers, num_threads=num_threads, split=split,
+                             start=start)
+
+    return TrainIterator(make_dataset, seed, batch_size)
+
+
+class EvalSource:
+    """Full tiles of a split, normalised, not augmented, with what evaluation needs to report
+    per domain and to georeference predictions.
+
+    Element: `{"image": float32 [H, W, C], "label": int32 [H, W], "name": str, "domain": str,
+    "path": str}` (path of the image file, '' when read from tfds shards).
+    """
+
+    def __init__(self, data_config, split: str = "target"):
+        self.spec = dataset_spec(data_config)
+        self.source = make_source(self.spec, split)
+        self.split = split
+        self._transform = EvalTransform(self.spec)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self._transform(self.source[index]), "path": self.source.path(index)}
+
+    def __repr__(self) -> str:
+        return f"EvalSource({self.source!r})"
+
+    @property
+    def domains(self) -> list[str]:
+        """The domain of every tile in index order."""
+        return self.source.domains
+
+    def profile(self, index: int) -> dict | None:
+        """rasterio profile (crs, transform, height, width, ...) of tile `index`, or None."""
+        return self.source.profile(index)
+
+
+def make_eval_source(data_config, split: str = "target") -> EvalSource:
+    return EvalSource(data_config, split)

@@ -1,0 +1,200 @@
+"""Band-agnostic tile readers: GeoTIFF (rasterio), PNG/JPEG (PIL), .npy and HDF5 (h5py).
+
+Images come back as the selected bands `[H, W, C]` in the file's own dtype (scaling happens in
+`sources.py`), with a boolean nodata mask or None; labels as the raw single-band code map.
+Every failure is a `DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from spectralmoe_jax.data.spec import DataError, DatasetSpec
+
+GEOTIFF_EXTENSIONS = (".tif", ".tiff")
+PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+NPY_EXTENSIONS = (".npy",)
+HDF5_EXTENSIONS = (".h5", ".hdf5", ".he5")
+
+
+@dataclasses.dataclass(frozen=True)
+class RasterInfo:
+    """What a file's header says, read without decoding the pixels."""
+    height: int
+    width: int
+    count: int
+    dtype: str
+    nodata: float | None = None
+
+
+def _kind(path: str, image_format: str | None = None) -> str:
+    if image_format is not None:
+        return image_format
+    ext = os.path.splitext(path)[1].lower()
+    for kind, extensions in (("geotiff", GEOTIFF_EXTENSIONS), ("image", PIL_EXTENSIONS),
+                             ("npy", NPY_EXTENSIONS), ("hdf5", HDF5_EXTENSIONS)):
+        if ext in extensions:
+            return kind
+    raise DataError(f"{path}: unknown file type {ext!r}; known: "
+                    f"{GEOTIFF_EXTENSIONS + PIL_EXTENSIONS + NPY_EXTENSIONS + HDF5_EXTENSIONS}")
+
+
+def _fail(path: str, what: str, error: Exception) -> DataError:
+    if isinstance(error, DataError):
+        return error
+    return DataError(f"{path}: cannot read {what} (corrupt or truncated file?): "
+                     f"{type(error).__name__}: {error}")
+
+
+def _to_hwc(array: np.ndarray, layout: str, path: str) -> np.ndarray:
+    if array.ndim == 2:
+        return array[..., None]
+    if array.ndim != 3:
+        raise DataError(f"{path}: array of shape {array.shape} is not an image (2 or 3 axes)")
+    return np.moveaxis(array, 0, -1) if layout == "CHW" else array
+
+
+# --- headers ------------------------------------------------------------------------------
+
+def raster_info(path: str, spec: DatasetSpec, *, label: bool = False) -> RasterInfo:
+    """Header of an image (`label=False`, read as `config.data.format`) or a label file."""
+    kind = _kind(path, None if label else spec.format)
+    key = spec.hdf5_label_key if label else spec.hdf5_image_key
+    try:
+        if kind == "geotiff":
+            import rasterio
+            with rasterio.open(path) as src:
+                return RasterInfo(src.height, src.width, src.count, src.dtypes[0], src.nodata)
+        if kind == "image":
+            from PIL import Image
+            with Image.open(path) as img:
+                bands = len(img.getbands())
+                dtype = {"I;16": "uint16", "I": "int32", "F": "float32"}.get(img.mode, "uint8")
+                return RasterInfo(img.height, img.width, bands, dtype)
+        if kind == "npy":
+            array = np.load(path, mmap_mode="r")
+            shape, dtype = array.shape, array.dtype
+        else:
+            import h5py
+            with h5py.File(path, "r") as f:
+                if key not in f:
+                    raise DataError(f"{path}: no HDF5 dataset {key!r} (config.data."
+                                    f"hdf5_{'label' if label else 'image'}_key); it has "
+                                    f"{sorted(f.keys())}")
+                shape, dtype = f[key].shape, f[key].dtype
+    except Exception as e:  # noqa: BLE001 - any library error becomes a DataError naming the file
+        raise _fail(path, "header", e) from e
+    if len(shape) == 2:
+        return RasterInfo(shape[0], shape[1], 1, str(dtype))
+    if len(shape) != 3:
+        raise DataError(f"{path}: array of shape {shape} is not an image (2 or 3 axes)")
+    h, w, c = (shape[1], shape[2], shape[0]) if spec.array_layout == "CHW" else shape
+    return RasterInfo(h, w, c, str(dtype))
+
+
+def check_band_count(path: str, count: int, spec: DatasetSpec) -> None:
+    expected = spec.file_band_count
+    if expected is not None and count != expected:
+        raise DataError(f"{path}: has {count} bands, config expects {expected} "
+                        f"(config.data.band_names)")
+    if max(spec.band_indices) >= count:
+        raise DataError(f"{path}: has {count} bands, config.data.bands selects band index "
+                        f"{max(spec.band_indices)}")
+
+
+# --- pixels -------------------------------------------------------------------------------
+
+def _nodata_mask(bands: np.ndarray, nodata: float | None) -> np.ndarray | None:
+    if nodata is None:
+        return None
+    planes = np.moveaxis(bands, -1, 0)    # reduce over whole planes, not 4-element pixels
+    mask = (np.isnan(planes) if np.isnan(nodata) else planes == nodata).all(axis=0)
+    return mask if mask.any() else None
+
+
+def read_image(path: str, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray | None]:
+    """Selected bands `[H, W, C]` in the file's dtype, and the nodata mask `[H, W]` or None.
+
+    A pixel is nodata when every selected band equals the nodata value (config.data.nodata,
+    else the GeoTIFF's tag).
+    """
+    kind = spec.format
+    indices = list(spec.band_indices)
+    try:
+        if kind == "geotiff":
+            import rasterio
+            with rasterio.open(path) as src:
+                check_band_count(path, src.count, spec)
+                nodata = spec.nodata if spec.nodata is not None else src.nodata
+                bands = np.moveaxis(src.read([i + 1 for i in indices]), 0, -1)
+        else:
+            if kind == "image":
+                from PIL import Image
+                with Image.open(path) as img:
+                    array = np.asarray(img.convert("RGB") if img.mode == "P" else img)
+            elif kind == "npy":
+                array = np.load(path)
+            else:
+                import h5py
+                with h5py.File(path, "r") as f:
+                    if spec.hdf5_image_key not in f:
+                        raise DataError(f"{path}: no HDF5 dataset {spec.hdf5_image_key!r} "
+                                        f"(config.data.hdf5_image_key); it has {sorted(f)}")
+                    array = f[spec.hdf5_image_key][...]
+            array = _to_hwc(array, "HWC" if kind == "image" else spec.array_layout, path)
+            check_band_count(path, array.shape[-1], spec)
+            nodata = spec.nodata
+            bands = array[..., indices]
+    except Exception as e:  # noqa: BLE001
+        raise _fail(path, "image", e) from e
+    # GeoTIFF bands stay band-major in memory ([H, W, C] view of [C, H, W] data), which is what
+    # the transforms work on.
+    return bands, _nodata_mask(bands, nodata)
+
+
+def read_label(path: str, spec: DatasetSpec) -> np.ndarray:
+    """The raw single-band label map `[H, W]` (codes before `label_map`)."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: label file is missing")
+    kind = _kind(path)
+    try:
+        if kind == "geotiff":
+            import rasterio
+            with rasterio.open(path) as src:
+                if src.count != 1:
+                    raise DataError(f"{path}: label has {src.count} bands; expected one band "
+                                    "of class codes")
+                return src.read(1)
+        if kind == "image":
+            from PIL import Image
+            with Image.open(path) as img:
+                array = np.asarray(img)
+        elif kind == "npy":
+            array = np.load(path)
+        else:
+            import h5py
+            with h5py.File(path, "r") as f:
+                if spec.hdf5_label_key not in f:
+                    raise DataError(f"{path}: no HDF5 dataset {spec.hdf5_label_key!r} "
+                                    f"(config.data.hdf5_label_key); it has {sorted(f)}")
+                array = f[spec.hdf5_label_key][...]
+    except Exception as e:  # noqa: BLE001
+        raise _fail(path, "label", e) from e
+    if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
+        array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:2])
+    if array.ndim != 2:
+        raise DataError(f"{path}: label of shape {array.shape} is not a single-band map of "
+                        "class codes (colour-coded labels must be converted to codes first)")
+    return array
+
+
+def read_profile(path: str) -> dict | None:
+    """The GeoTIFF profile (crs, transform, nodata, ...) to georeference predictions; else None."""
+    if _kind(path) != "geotiff":
+        return None
+    import rasterio
+    with rasterio.open(path) as src:
+        return dict(src.profile)

@@ -1,0 +1,81 @@
+"""One attention function for every ViT: XLA, or cuDNN flash attention on padded tokens.
+
+cuDNN's fused kernel rejects sequence lengths such as 1029 (cls + 4 storage + 32x32 patches,
+SPEC section 4), so the 'cudnn' path pads the sequence to a multiple of 128 and passes the true
+lengths (`query_seq_lengths`, `key_value_seq_lengths`): padded keys get no weight and padded query
+rows are cut off, so the padding never changes a result.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def resolve_implementation(implementation: str | None, dtype) -> str:
+    """Maps None / 'xla' / 'cudnn' / 'auto' to the kernel that will run."""
+    if implementation in (None, "xla"):
+        return "xla"
+    if implementation == "cudnn":
+        return "cudnn"
+    if implementation == "auto":
+        # cuDNN flash attention exists only for half precision on GPU.
+        on_gpu = jax.default_backend() == "gpu"
+        return "cudnn" if on_gpu and jnp.dtype(dtype) in _CUDNN_DTYPES else "xla"
+    raise ValueError(f"unknown attention implementation {implementation!r}: "
+                     "expected None, 'xla', 'cudnn' or 'auto'")
+
+
+def _pad_axis(x, axis: int, size: int):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _pad_last_two(x, q_len: int, kv_len: int, q_pad: int, kv_pad: int):
+    """Pads a bias or mask [..., T, S] to [..., T', S'] where its axes are full length."""
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if x.shape[-2] == q_len:
+        x = _pad_axis(x, x.ndim - 2, q_pad)
+    if x.shape[-1] == kv_len:
+        x = _pad_axis(x, x.ndim - 1, kv_pad)
+    return x
+
+
+def dot_product_attention(q, k, v, *, bias=None, mask=None, implementation: str | None = None,
+                          pad_multiple: int | None = None):
+    """Scaled dot-product attention through `jax.nn.dot_product_attention`.
+
+    Args:
+      q: [B, T, H, Dh] queries; k, v: [B, S, H, Dh].
+      bias, mask: optional, broadcastable to [B, H, T, S].
+      implementation: None or 'xla' (XLA), 'cudnn' (flash attention on padded tokens), 'auto'
+        (cudnn on GPU for bf16/fp16 inputs, XLA otherwise).
+      pad_multiple: pad T and S up to this multiple and pass the true lengths. Defaults to 128
+        for cuDNN and to no padding for XLA (set it to exercise the padded path anywhere).
+
+    Returns:
+      [B, T, H, Dh] in the dtype of q.
+    """
+    implementation = resolve_implementation(implementation, q.dtype)
+    if pad_multiple is None:
+        pad_multiple = 128 if implementation == "cudnn" else 0
+    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+    if not pad_multiple:
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                            implementation=implementation)
+    q_pad = -(-q_len // pad_multiple) * pad_multiple
+    kv_pad = -(-kv_len // pad_multiple) * pad_multiple
+    out = jax.nn.dot_product_attention(
+        _pad_axis(q, 1, q_pad), _pad_axis(k, 1, kv_pad), _pad_axis(v, 1, kv_pad),
+        bias=_pad_last_two(bias, q_len, kv_len, q_pad, kv_pad),
+        mask=_pad_last_two(mask, q_len, kv_len, q_pad, kv_pad),
+        query_seq_lengths=jnp.full((batch,), q_len, jnp.int32),
+        key_value_seq_lengths=jnp.full((batch,), kv_len, jnp.int32),
+        implementation=implementation,
+    )
+    return out[:, :q_len]

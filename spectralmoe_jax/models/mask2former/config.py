@@ -1,0 +1,51 @@
+"""Configuration of the Mask2Former decoder (SPEC 1.3, the released `DepthMoEMask2FormerHead`)."""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Mask2FormerConfig:
+    """Defaults reproduce the released head on a ViT-L: 4 input levels at strides 4, 8, 16, 32.
+
+    One width `hidden_dim` serves the pixel decoder, the mask features and the transformer decoder
+    (mmdet `feat_channels == out_channels`, HF `feature_size == mask_feature_size == hidden_dim`),
+    so the decoder needs no input projections.
+    """
+
+    in_channels: tuple[int, ...] = (1024, 1024, 1024, 1024)
+    num_classes: int = 24  # K; the class head has K + 1 outputs (the last is "no object")
+    hidden_dim: int = 256
+    num_queries: int = 100
+    num_feature_levels: int = 3  # coarsest levels refined by the encoder and cycled by the decoder
+    encoder_layers: int = 6
+    encoder_heads: int = 8
+    encoder_points: int = 4
+    encoder_ffn_dim: int = 1024
+    decoder_layers: int = 9
+    decoder_heads: int = 8
+    decoder_ffn_dim: int = 2048
+    num_groups: int = 32  # GroupNorm groups of the pixel decoder's convolutions
+    # A learned query position embedding; the released head deletes it and takes the adapter's.
+    learn_query_position: bool = True
+    # REIN / released option `replace_query_feat`: query features = Linear(query position
+    # embedding) instead of a learned table.
+    replace_query_feat: bool = False
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+
+    def __post_init__(self):
+        d = self.hidden_dim
+        if d % self.num_groups:
+            raise ValueError(f"hidden_dim {d} is not divisible by num_groups {self.num_groups}")
+        if d % 2:
+            raise ValueError(f"hidden_dim {d} must be even (half of it for each sine axis)")
+        for name in ("encoder_heads", "decoder_heads"):
+            if d % getattr(self, name):
+                raise ValueError(f"hidden_dim {d} is not divisible by {name} {getattr(self, name)}")
+        if len(self.in_channels) <= self.num_feature_levels:
+            raise ValueError(
+                f"in_channels {self.in_channels} must hold more levels than num_feature_levels "
+                f"{self.num_feature_levels} (the finest ones build the mask features)"
+            )

@@ -1,0 +1,145 @@
+"""Masked-attention transformer decoder with per-layer predictions (Mask2Former; mmdet
+`Mask2FormerHead.forward` / `Mask2FormerTransformerDecoderLayer`, HF `Mask2FormerTransformerModule`).
+
+Layer i attends to level i mod 3 of the pixel decoder's multi-scale features (coarsest first),
+restricted to where the previous prediction, resized to that level, has sigmoid >= 0.5.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spectralmoe_jax.models.mask2former import initializers
+from spectralmoe_jax.models.mask2former.config import Mask2FormerConfig
+from spectralmoe_jax.models.mask2former.layers import FFN, layer_norm, linear, resize_bilinear
+from spectralmoe_jax.models.mask2former.position_encoding import sine_position_encoding
+
+
+class MultiHeadAttention(nnx.Module):
+    """Scaled dot-product attention with separate q/k/v/out projections (nn.MultiheadAttention)."""
+
+    def __init__(self, dim: int, num_heads: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        zeros = nnx.initializers.zeros
+        # mmdet applies xavier-normal to the fused [3D, D] in_proj: variance 2 / (D + 3D) per part.
+        qkv_init = nnx.initializers.variance_scaling(0.5, "fan_avg", "normal")
+        self.q_proj = linear(dim, dim, kernel_init=qkv_init, bias_init=zeros, dtype=dtype, rngs=rngs)
+        self.k_proj = linear(dim, dim, kernel_init=qkv_init, bias_init=zeros, dtype=dtype, rngs=rngs)
+        self.v_proj = linear(dim, dim, kernel_init=qkv_init, bias_init=zeros, dtype=dtype, rngs=rngs)
+        self.out_proj = linear(
+            dim, dim, kernel_init=initializers.xavier_normal, bias_init=zeros, dtype=dtype, rngs=rngs)
+
+    def __call__(self, query, key, value, mask=None):
+        """query [B, T, D], key/value [B, S, D], mask bool broadcastable to [B, M, T, S] (True
+        attends) -> [B, T, D]."""
+
+        def heads(x):
+            return x.reshape(*x.shape[:2], self.num_heads, -1)
+
+        out = jax.nn.dot_product_attention(
+            heads(self.q_proj(query)), heads(self.k_proj(key)), heads(self.v_proj(value)), mask=mask)
+        return self.out_proj(out.reshape(*out.shape[:2], -1))
+
+
+class MaskedAttentionDecoderLayer(nnx.Module):
+    """Post-norm: masked cross-attention -> self-attention -> FFN, each followed by LayerNorm."""
+
+    def __init__(self, config: Mask2FormerConfig, *, rngs: nnx.Rngs):
+        c, dt = config, config.dtype
+        self.cross_attn = MultiHeadAttention(c.hidden_dim, c.decoder_heads, dtype=dt, rngs=rngs)
+        self.cross_norm = layer_norm(c.hidden_dim, dtype=dt, rngs=rngs)
+        self.self_attn = MultiHeadAttention(c.hidden_dim, c.decoder_heads, dtype=dt, rngs=rngs)
+        self.self_norm = layer_norm(c.hidden_dim, dtype=dt, rngs=rngs)
+        self.ffn = FFN(c.hidden_dim, c.decoder_ffn_dim, dtype=dt, rngs=rngs)
+        self.ffn_norm = layer_norm(c.hidden_dim, dtype=dt, rngs=rngs)
+
+    def __call__(self, x, query_pos, memory, memory_pos, mask):
+        x = self.cross_norm(x + self.cross_attn(x + query_pos, memory + memory_pos, memory, mask))
+        q = x + query_pos
+        x = self.self_norm(x + self.self_attn(q, q, x))
+        return self.ffn_norm(x + self.ffn(x))
+
+
+def attention_mask(mask_logits, size: tuple[int, int]):
+    """Where each query may attend: [B, Q, H, W] logits -> bool [B, 1, Q, h * w] (True attends).
+
+    Bilinear resize to the level, keep sigmoid >= 0.5; a query whose mask is empty everywhere
+    attends everywhere (the released rule, also HF's). No gradient flows through the mask.
+    """
+    batch, queries = mask_logits.shape[:2]
+    logits = resize_bilinear(jax.lax.stop_gradient(mask_logits), (batch, queries, *size))
+    keep = ~(jax.nn.sigmoid(logits.reshape(batch, queries, -1)) < 0.5)
+    keep = keep | ~jnp.any(keep, axis=-1, keepdims=True)
+    return keep[:, None]
+
+
+class MaskedAttentionDecoder(nnx.Module):
+    """Queries -> class and mask logits before the first layer and after each layer."""
+
+    def __init__(self, config: Mask2FormerConfig, *, rngs: nnx.Rngs):
+        c, d, dt = config, config.hidden_dim, config.dtype
+        self.config = config
+        if c.replace_query_feat:
+            self.query_feat_proj = linear(d, d, dtype=dt, rngs=rngs)
+        else:
+            self.query_feat = nnx.Param(initializers.embedding(rngs.params(), (c.num_queries, d)))
+        if c.learn_query_position:
+            self.query_pos = nnx.Param(initializers.embedding(rngs.params(), (c.num_queries, d)))
+        self.level_embed = nnx.Param(initializers.embedding(rngs.params(), (c.num_feature_levels, d)))
+        self.layers = nnx.List([MaskedAttentionDecoderLayer(c, rngs=rngs) for _ in range(c.decoder_layers)])
+        self.norm = layer_norm(d, dtype=dt, rngs=rngs)
+        self.class_head = linear(d, c.num_classes + 1, dtype=dt, rngs=rngs)
+        self.mask_mlp = nnx.List([linear(d, d, dtype=dt, rngs=rngs) for _ in range(3)])
+
+    def _query_position(self, query_embedding, batch: int):
+        c = self.config
+        if query_embedding is None:
+            if not c.learn_query_position:
+                raise ValueError("learn_query_position=False: pass query_embedding [Q, D] or [B, Q, D]")
+            query_embedding = self.query_pos[...]
+        expected = (c.num_queries, c.hidden_dim)
+        if tuple(query_embedding.shape[-2:]) != expected or query_embedding.ndim not in (2, 3):
+            raise ValueError(
+                f"query_embedding must be {expected} or (B, *{expected}), got {tuple(query_embedding.shape)}")
+        return jnp.broadcast_to(query_embedding, (batch, *expected)).astype(c.dtype)
+
+    def predict(self, x, mask_features):
+        """Decoder state [B, Q, D] -> class logits [B, Q, K + 1], mask logits [B, Q, H, W]."""
+        x = self.norm(x)
+        embedding = x
+        for i, layer in enumerate(self.mask_mlp):
+            embedding = layer(embedding)
+            if i < len(self.mask_mlp) - 1:
+                embedding = jax.nn.relu(embedding)
+        return self.class_head(x), jnp.einsum("bqc,bhwc->bqhw", embedding, mask_features)
+
+    def __call__(self, multi_scale: Sequence[jax.Array], mask_features, query_embedding=None):
+        """multi_scale: NHWC maps, coarsest first; mask_features [B, H, W, D] ->
+        class logits [L + 1, B, Q, K + 1], mask logits [L + 1, B, Q, H, W]."""
+        c = self.config
+        if len(multi_scale) != c.num_feature_levels:
+            raise ValueError(f"expected {c.num_feature_levels} multi-scale maps, got {len(multi_scale)}")
+        batch = mask_features.shape[0]
+        sizes = [tuple(f.shape[1:3]) for f in multi_scale]
+        memory = [f.reshape(batch, -1, c.hidden_dim) + self.level_embed[i].astype(f.dtype)
+                  for i, f in enumerate(multi_scale)]
+        memory_pos = [sine_position_encoding(h, w, c.hidden_dim // 2).reshape(1, h * w, -1).astype(c.dtype)
+                      for h, w in sizes]
+        query_pos = self._query_position(query_embedding, batch)
+        if c.replace_query_feat:
+            x = self.query_feat_proj(query_pos)
+        else:
+            x = jnp.broadcast_to(self.query_feat[...], query_pos.shape).astype(c.dtype)
+
+        class_logits, mask_logits = self.predict(x, mask_features)
+        all_classes, all_masks = [class_logits], [mask_logits]
+        for i, layer in enumerate(self.layers):
+            level = i % c.num_feature_levels
+            mask = attention_mask(mask_logits, sizes[level])
+            x = layer(x, query_pos, memory[level], memory_pos[level], mask)
+            class_logits, mask_logits = self.predict(x, mask_features)
+            all_classes.append(class_logits)
+            all_masks.append(mask_logits)
+        return jnp.stack(all_classes), jnp.stack(all_masks)

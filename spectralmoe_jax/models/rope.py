@@ -1,0 +1,50 @@
+"""DINOv3's axial 2-D rotary position embedding, evaluation mode.
+
+As facebookresearch/dinov3 `layers/rope_position_encoding.py` (normalize_coords='separate') and
+HF `DINOv3ViTRopePositionEmbedding`: patch-centre coordinates normalised to [-1, 1] per axis,
+periods base^(4j / Dh) for j < Dh/4, angles 2 pi coord / period for (y, x) laid out as
+[y freqs, x freqs] and tiled twice; no coordinate shift, jitter or rescale (those are training
+augmentations). Everything is evaluated in float32, and rotation is applied to patch tokens only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax.numpy as jnp
+
+
+def rope_periods(head_dim: int, base: float = 100.0) -> np.ndarray:
+    """[Dh / 4] float32 periods; the `rope_embed.periods` buffer of the original."""
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
+    exponents = 2 * np.arange(head_dim // 4, dtype=np.float32) / np.float32(head_dim // 2)
+    return (np.float32(base) ** exponents).astype(np.float32)
+
+
+def rope_sincos(grid: tuple[int, int], head_dim: int, base: float = 100.0):
+    """(sin, cos), each [h * w, Dh] float32, for a row-major h x w patch grid."""
+    h, w = grid
+    coords_h = np.arange(0.5, h, dtype=np.float32) / np.float32(h)
+    coords_w = np.arange(0.5, w, dtype=np.float32) / np.float32(w)
+    coords = np.stack(np.meshgrid(coords_h, coords_w, indexing="ij"), axis=-1).reshape(-1, 2)
+    coords = np.float32(2.0) * coords - np.float32(1.0)
+    angles = np.float32(2 * np.pi) * coords[:, :, None] / rope_periods(head_dim, base)
+    angles = np.tile(angles.reshape(h * w, -1), (1, 2))  # [y..., x..., y..., x...]
+    return np.sin(angles), np.cos(angles)
+
+
+def _rotate_half(x):
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x, sin, cos, num_prefix: int):
+    """Rotates the patch tokens of x [B, N, H, Dh]; the first `num_prefix` tokens pass unchanged.
+
+    The rotation runs in float32 (the original casts q and k to the RoPE dtype, fp32).
+    """
+    prefix, patches = x[:, :num_prefix], x[:, num_prefix:].astype(jnp.float32)
+    sin = jnp.asarray(sin)[None, :, None, :]
+    cos = jnp.asarray(cos)[None, :, None, :]
+    patches = patches * cos + _rotate_half(patches) * sin
+    return jnp.concatenate([prefix, patches.astype(x.dtype)], axis=1)

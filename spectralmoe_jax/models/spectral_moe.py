@@ -1,0 +1,381 @@
+"""SpectralMoE: the dual-gated mixture-of-experts adapter (paper Eq. 1-7, 10-11), REIN, ablations.
+
+One module holds the adapter of every layer of the frozen ViT: per-layer parameters are stacked
+with a leading layer axis and sliced with a traced `layer_index`, so the module runs as the ViT's
+hook inside its `jax.lax.scan` over blocks (contract in docs/design.md). It refines patch tokens
+only; prefix tokens never reach it.
+
+Per layer l and modality j in {v (visual), d (depth)}:
+  Eq. 1   h_e = -||f - w_gate,e||_p + eps_e * (softplus(f . w_noise,e) + noise_epsilon)
+  Eq. 2   g = softmax over the top-k logits, zero elsewhere
+  Eq. 3-4 dz_e = softmax(f T_e^T / sqrt d)[1:] (T_e[1:] W_T + b_T),   T_e = A_e B_e
+  Eq. 5   df^j = sum_e g_e dz_e
+  Eq. 6   F = softmax(df^v df^d^T / sqrt d) df^d            (fusion='attention', the paper)
+  Eq. 7   f_v_out = f_v + alpha * MLP(F + f_v)
+
+Where the paper is silent the released code (daxichen/SpectralMoE-main,
+`models/backbones/depthmoe.py`, class `DepthMoE`) decides: Euclidean distance (torch.cdist, p=2),
+1e-2 added to the noise std, token 0 as an attention sink, the Shazeer et al. load term in the
+balance loss, the diagonal fusion form, and every initialisation. REIN is w1oves/Rein `LoRAReins`.
+
+Experts are tiny (m x r and r x d) and few, so every expert runs densely on every token and the
+gates (zero off the top-k) select: no capacity, no token dropping, nothing data-dependent in the
+shapes, and all einsums keep the batch and token axes free so a mesh can shard them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+KINDS = ("spectral_moe", "rein")
+FUSIONS = ("attention", "diagonal", "add")
+BALANCE_TERMS = ("importance", "load")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """The adapter's hyper-parameters; defaults are the released DINOv3 ViT-L configuration."""
+
+    kind: str = "spectral_moe"  # 'spectral_moe' | 'rein'
+    num_layers: int = 24
+    width: int = 1024  # d
+    num_experts: int = 6  # Ne
+    top_k: int = 1
+    rank: int = 16  # r of T_e = A_e B_e
+    num_tokens: int = 100  # m
+    gate_p: float = 2.0  # p of Eq. 1; 2 as released (torch.cdist), 1 is Laplacian gating
+    noise_epsilon: float = 1e-2  # added to the noise std, as released
+    fusion: str = "attention"  # 'attention' (Eq. 6) | 'diagonal' (released) | 'add' (w/o cross-attn)
+    use_depth: bool = True  # False: w/o depth feature
+    dual_gating: bool = True  # False: one gate shared by both modalities
+    use_moe: bool = True  # False: one expert, no gating (w/o MoE)
+    balance_weight: float = 1.0  # lambda of Eq. 9
+    balance_scale: float = 1e3  # the released `loss_coef`
+    balance_terms: tuple[str, ...] = BALANCE_TERMS  # cv^2 terms per modality, as released
+    scale_init: float = 1e-3  # alpha of Eq. 7
+    query_dim: int = 256
+    num_queries: int = 100
+    link_token_to_query: bool = True
+    patch_size: int = 16  # only REIN's token initialisation uses it
+    dtype: Any = jnp.float32  # compute dtype; parameters are float32, the router always float32
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"AdapterConfig.kind={self.kind!r}: expected one of {KINDS}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"AdapterConfig.fusion={self.fusion!r}: expected one of {FUSIONS}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"AdapterConfig.top_k={self.top_k}: needs 1 <= top_k <= num_experts={self.num_experts}"
+            )
+        if not set(self.balance_terms) <= set(BALANCE_TERMS):
+            raise ValueError(
+                f"AdapterConfig.balance_terms={self.balance_terms!r}: allowed {BALANCE_TERMS}"
+            )
+        if self.gate_p <= 0:
+            raise ValueError(f"AdapterConfig.gate_p={self.gate_p}: must be positive")
+        if self.link_token_to_query and self.num_queries != self.num_tokens:
+            raise ValueError(
+                f"AdapterConfig: link_token_to_query makes one query per token, but "
+                f"num_queries={self.num_queries} != num_tokens={self.num_tokens}"
+            )
+
+    @property
+    def routed(self) -> bool:
+        """Whether tokens are routed among several experts (SpectralMoE with MoE)."""
+        return self.kind == "spectral_moe" and self.use_moe
+
+    @property
+    def depth(self) -> bool:
+        """Whether the depth tokens take part (SpectralMoE with depth)."""
+        return self.kind == "spectral_moe" and self.use_depth
+
+    @property
+    def token_sets(self) -> int:
+        """Number of expert token sets T_e per layer (1 for REIN and w/o MoE)."""
+        return self.num_experts if self.routed else 1
+
+    @property
+    def num_gates(self) -> int:
+        """Gating networks per layer: one per modality, one shared, or none."""
+        if not self.routed:
+            return 0
+        return 2 if self.depth and self.dual_gating else 1
+
+
+class Routing(NamedTuple):
+    """Eq. 1-2 for one modality, and what the balance loss needs."""
+
+    gates: jax.Array  # [B, N, E] float32, softmax over the top-k logits, zero elsewhere
+    expert: jax.Array  # [B, N] int32, the top-1 expert
+    importance: jax.Array  # [E] sum of gates over all tokens (Eq. 11)
+    load: jax.Array  # [E] smooth load (training with noise) or count of tokens routed
+
+
+def _uniform(bound: float):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _torch_linear(in_features: int, out_features: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """A Linear with PyTorch's default init: kernel and bias both U(+-1/sqrt(in))."""
+    bound = 1.0 / math.sqrt(in_features)
+    return nnx.Linear(
+        in_features,
+        out_features,
+        dtype=dtype,
+        kernel_init=_uniform(bound),
+        bias_init=_uniform(bound),
+        rngs=rngs,
+    )
+
+
+def _at_layer(stacked: jax.Array, layer_index) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(stacked, layer_index, axis=0, keepdims=False)
+
+
+def routing_noise(rng: jax.Array, layer_index, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """The eps ~ N(0, 1) of Eq. 1 for the visual and the depth gate, each of `shape` [B, N, E].
+
+    The layer index is folded into `rng`, so the caller may pass one key to every layer.
+    """
+    key_v, key_d = jax.random.split(jax.random.fold_in(rng, layer_index))
+    return jax.random.normal(key_v, shape), jax.random.normal(key_d, shape)
+
+
+def _distance(f: jax.Array, w: jax.Array, p: float) -> jax.Array:
+    """||f - w_e||_p for f [B, N, d] and prototypes w [d, E] -> [B, N, E]."""
+    if p == 2:
+        # The matmul expansion (torch.cdist does the same for large inputs) avoids a [B, N, d, E]
+        # difference tensor.
+        squared = (
+            jnp.sum(f * f, axis=-1, keepdims=True)
+            - 2.0 * jnp.einsum("bnd,de->bne", f, w)
+            + jnp.sum(w * w, axis=0)
+        )
+        return jnp.sqrt(jnp.maximum(squared, 0.0))
+    diff = jnp.abs(f[..., None] - w)
+    return jnp.sum(diff**p, axis=-2) ** (1.0 / p)
+
+
+def route(
+    f: jax.Array,
+    w_gate: jax.Array,
+    w_noise: jax.Array,
+    *,
+    top_k: int,
+    p: float,
+    noise_epsilon: float,
+    eps: jax.Array | None = None,
+) -> Routing:
+    """Eq. 1-2: distance-based noisy top-k gating, in float32; `eps` None means clean (eval).
+
+    The load follows the released `_prob_in_top_k` (Shazeer et al. 2017): with noise, the
+    probability that each expert stays in the top-k, the Normal CDF of the clean logit against
+    the (k+1)-th noisy logit (or the k-th for experts now in the top-k), which is differentiable;
+    without noise, or when k = Ne, the count of tokens each expert receives.
+    """
+    f = f.astype(jnp.float32)
+    num_experts = w_gate.shape[-1]
+    clean = -_distance(f, w_gate, p)
+    if eps is None:
+        logits, std = clean, None
+    else:
+        std = jax.nn.softplus(jnp.einsum("bnd,de->bne", f, w_noise)) + noise_epsilon
+        logits = clean + eps * std
+    top_values, top_index = jax.lax.top_k(logits, min(top_k + 1, num_experts))
+    selected = jnp.sum(jax.nn.one_hot(top_index[..., :top_k], num_experts, dtype=bool), axis=-2)
+    gates = jax.nn.softmax(jnp.where(selected, logits, -jnp.inf), axis=-1)
+    importance = jnp.sum(gates, axis=(0, 1))
+    if std is not None and top_k < num_experts:
+        threshold_in = top_values[..., top_k, None]  # the (k+1)-th noisy logit
+        threshold_out = top_values[..., top_k - 1, None]  # the k-th
+        prob = jnp.where(
+            logits > threshold_in,
+            jax.scipy.stats.norm.cdf((clean - threshold_in) / std),
+            jax.scipy.stats.norm.cdf((clean - threshold_out) / std),
+        )
+        load = jnp.sum(prob, axis=(0, 1))
+    else:
+        load = jnp.sum(selected, axis=(0, 1)).astype(jnp.float32)
+    return Routing(gates, top_index[..., 0].astype(jnp.int32), importance, load)
+
+
+def cv_squared(x: jax.Array) -> jax.Array:
+    """Squared coefficient of variation, as released: unbiased variance / (mean^2 + 1e-10)."""
+    if x.shape[0] == 1:
+        return jnp.zeros((), jnp.float32)
+    x = x.astype(jnp.float32)
+    return jnp.var(x, ddof=1) / (jnp.mean(x) ** 2 + 1e-10)
+
+
+def expert_adjustment(
+    f: jax.Array, gates: jax.Array, a: jax.Array, b: jax.Array, values: jax.Array, bias: jax.Array
+) -> jax.Array:
+    """Eq. 3-5 for all experts densely, combined with the gates.
+
+    f [B, N, d]; gates [B, N, E]; the expert tokens T_e = A_e B_e with a [E, m, r], b [E, r, d];
+    values [E, r, d] = B_e W_T and bias b_T [d], so that T_e[1:] W_T + b_T = A_e[1:] values_e + b_T.
+    Nothing of size m x d is formed: f T_e^T = (f B_e^T) A_e^T, and the value product runs through
+    rank r. Token 0 is an attention sink: it takes part in the softmax and gives no value.
+    """
+    dtype = f.dtype
+    projected = jnp.einsum("bnd,erd->bner", f, b.astype(dtype))
+    logits = jnp.einsum("bner,emr->bnem", projected, a.astype(dtype))
+    logits = logits.astype(jnp.float32) / math.sqrt(f.shape[-1])
+    attn = jax.nn.softmax(logits, axis=-1)[..., 1:] * gates[..., None]
+    attn = attn.astype(dtype)
+    mixed = jnp.einsum("bnem,emr->bner", attn, a[:, 1:].astype(dtype))
+    delta = jnp.einsum("bner,erd->bnd", mixed, values.astype(dtype))
+    return delta + jnp.sum(attn, axis=(-2, -1))[..., None] * bias.astype(dtype)
+
+
+def fuse(dz_v: jax.Array, dz_d: jax.Array, fusion: str) -> jax.Array:
+    """Eq. 6 ('attention'), the released diagonal form ('diagonal'), or addition ('add')."""
+    if fusion == "add":
+        return dz_v + dz_d
+    scale = 1.0 / math.sqrt(dz_v.shape[-1])
+    if fusion == "attention":
+        # Visual adjustments query the whole depth adjustment map.
+        logits = jnp.einsum("bnd,bmd->bnm", dz_v, dz_d).astype(jnp.float32) * scale
+        weights = jax.nn.softmax(logits, axis=-1).astype(dz_d.dtype)
+        return jnp.einsum("bnm,bmd->bnd", weights, dz_d)
+    # Released: depth queries visual, and only the diagonal weight of each token is kept,
+    # F_n = softmax_m(dz_d,n . dz_v,m / sqrt d)[n] * dz_v,n.
+    logits = jnp.einsum("bnd,bmd->bnm", dz_d, dz_v).astype(jnp.float32) * scale
+    diagonal = jnp.einsum("bnd,bnd->bn", dz_d, dz_v).astype(jnp.float32) * scale
+    weight = jnp.exp(diagonal - jax.nn.logsumexp(logits, axis=-1))
+    return weight[..., None].astype(dz_v.dtype) * dz_v
+
+
+class SpectralMoE(nnx.Module):
+    """The adapter of all layers: SpectralMoE, its Table 4 ablations, or REIN (`config.kind`).
+
+    Parameters (L layers, E token sets, G gates):
+      experts_a [L, E, m, r], experts_b [L, E, r, d]   expert tokens T_e = A_e B_e
+      w_gate, w_noise [L, G, d, E]                     gates, G = 2 (visual, depth) or 1 (shared)
+      scale []                                         alpha of Eq. 7, shared by all layers
+      mlp_token2feat, mlp_delta_f: Linear d -> d       shared by all layers
+      transform: Linear d -> query_dim, merge: Linear 3 query_dim -> query_dim   (queries)
+    """
+
+    def __init__(self, config: AdapterConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+        layers, sets, m, r, d = c.num_layers, c.token_sets, c.num_tokens, c.rank, c.width
+        if c.kind == "rein":
+            # LoRAReins: both factors U(+-val), val from the patch size and sqrt(d r).
+            bound = math.sqrt(6.0 / (3 * c.patch_size**2 + math.sqrt(d * r)))
+            init_a, init_b = _uniform(bound), _uniform(bound)
+        else:
+            # DepthMoE: kaiming_uniform(a=sqrt 5) on A [m, r] (fan_in r), zeros on B.
+            init_a, init_b = _uniform(1.0 / math.sqrt(r)), jax.nn.initializers.zeros
+        self.experts_a = nnx.Param(init_a(rngs.params(), (layers, sets, m, r)))
+        self.experts_b = nnx.Param(init_b(rngs.params(), (layers, sets, r, d)))
+        if c.routed:
+            gate_shape = (layers, c.num_gates, d, c.num_experts)
+            self.w_gate = nnx.Param(jnp.zeros(gate_shape))
+            self.w_noise = nnx.Param(jnp.zeros(gate_shape))
+        self.scale = nnx.Param(jnp.asarray(c.scale_init, jnp.float32))
+        self.mlp_token2feat = _torch_linear(d, d, c.dtype, rngs)
+        self.mlp_delta_f = _torch_linear(d, d, c.dtype, rngs)
+        if c.link_token_to_query:
+            self.transform = _torch_linear(d, c.query_dim, jnp.float32, rngs)
+            self.merge = _torch_linear(3 * c.query_dim, c.query_dim, jnp.float32, rngs)
+
+    def __call__(
+        self,
+        layer_index,
+        f_v: jax.Array,
+        f_d: jax.Array | None = None,
+        *,
+        train: bool,
+        rng: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Refines the patch tokens f_v [B, N, d] of layer `layer_index` with depth tokens f_d.
+
+        Returns (f_v_out, aux): aux['balance_loss'] is this layer's weighted balance term,
+        balance_weight * balance_scale * sum of the cv^2 terms (Eq. 10 plus the load term);
+        the caller averages it over the layers, as the released backbone does. aux['expert_v'],
+        aux['expert_d'] [B, N] int32 are the top-1 experts (zeros where there is no routing).
+        `rng` is needed in training with routing (the gate noise; the layer is folded in).
+        """
+        c = self.config
+        self._check_inputs(f_v, f_d, train, rng)
+        dtype = jnp.dtype(c.dtype)
+        batch, tokens, _ = f_v.shape
+        a = _at_layer(self.experts_a[...], layer_index)
+        b = _at_layer(self.experts_b[...], layer_index)
+        values = jnp.einsum("erd,dk->erk", b, self.mlp_token2feat.kernel[...])
+        bias = self.mlp_token2feat.bias[...]
+
+        eps_v = eps_d = None
+        if train and c.routed:
+            eps_v, eps_d = routing_noise(rng, layer_index, (batch, tokens, c.num_experts))
+
+        routings = []
+        no_expert = jnp.zeros((batch, tokens), jnp.int32)
+
+        def adjust(f, gate, eps):
+            if not c.routed:
+                return expert_adjustment(f, jnp.ones((batch, tokens, 1)), a, b, values, bias), no_expert
+            routing = route(
+                f,
+                _at_layer(self.w_gate[...], layer_index)[gate],
+                _at_layer(self.w_noise[...], layer_index)[gate],
+                top_k=c.top_k,
+                p=c.gate_p,
+                noise_epsilon=c.noise_epsilon,
+                eps=eps,
+            )
+            routings.append(routing)
+            return expert_adjustment(f, routing.gates, a, b, values, bias), routing.expert
+
+        f_in = f_v.astype(dtype)
+        dz_v, expert_v = adjust(f_in, 0, eps_v)
+        expert_d = no_expert
+        if c.depth:
+            dz_d, expert_d = adjust(f_d.astype(dtype), c.num_gates - 1, eps_d)
+            fused = fuse(dz_v, dz_d, c.fusion)
+        else:
+            fused = dz_v
+        delta = self.mlp_delta_f(fused + f_in)  # Eq. 7
+        f_out = f_v + (self.scale[...] * delta).astype(f_v.dtype)
+
+        terms = [cv_squared(getattr(r, term)) for r in routings for term in c.balance_terms]
+        balance = c.balance_weight * c.balance_scale * sum(terms, jnp.zeros((), jnp.float32))
+        return f_out, {"balance_loss": balance, "expert_v": expert_v, "expert_d": expert_d}
+
+    def query_embedding(self) -> jax.Array | None:
+        """Released `link_token_to_query`: decoder query positional embedding [m, query_dim].
+
+        Mean over experts of T_e per layer [L, m, d], Linear d -> query_dim, then max, mean and
+        last over the layers, interleaved per channel as PyTorch's flatten of [m, q, 3] does,
+        and Linear 3 q -> q.
+        """
+        if not self.config.link_token_to_query:
+            return None
+        tokens = jnp.einsum("lemr,lerd->lmd", self.experts_a[...], self.experts_b[...])
+        tokens = self.transform(tokens / self.config.token_sets)
+        pooled = jnp.stack([tokens.max(axis=0), tokens.mean(axis=0), tokens[-1]], axis=-1)
+        return self.merge(pooled.reshape(pooled.shape[0], -1))
+
+    def _check_inputs(self, f_v, f_d, train, rng):
+        c = self.config
+        if f_v.ndim != 3 or f_v.shape[-1] != c.width:
+            raise ValueError(f"SpectralMoE: f_v has shape {f_v.shape}, expected [B, N, {c.width}]")
+        if c.depth:
+            if f_d is None:
+                raise ValueError("SpectralMoE: f_d is None but the config uses depth (use_depth)")
+            if f_d.shape != f_v.shape:
+                raise ValueError(f"SpectralMoE: f_d has shape {f_d.shape}, f_v has {f_v.shape}")
+        if train and c.routed and rng is None:
+            raise ValueError("SpectralMoE: training with noisy gating needs `rng`")

@@ -1,0 +1,60 @@
+"""Device mesh and shardings, declared once.
+
+Axes: `data` (batch) and `model` (optional FSDP of the frozen backbones for the large variants).
+Batches are split over `data`; the trainable state is replicated (it is small: ~6 M adapter
+parameters plus the decoder); frozen backbone weights are either replicated or sharded over
+`model` along their largest evenly divisible axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+
+def make_mesh(mesh_config) -> jax.sharding.Mesh:
+    """`mesh.model` devices per model group; `mesh.data` = -1 takes the rest."""
+    devices = jax.device_count()
+    model = int(mesh_config.get("model", 1))
+    data = int(mesh_config.get("data", -1))
+    if data == -1:
+        data = devices // model
+    if data * model != devices:
+        raise ValueError(f"mesh data={data} x model={model} does not use the {devices} devices")
+    # Auto axes on purpose: shardings are given explicitly at the jit boundary.
+    return jax.make_mesh((data, model), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def fsdp_sharding(mesh, array) -> NamedSharding:
+    """Shards the largest axis divisible by the model axis size; replicates small arrays."""
+    size = mesh.shape["model"]
+    if size == 1 or array.ndim == 0 or array.size < 2**16:
+        return replicated(mesh)
+    for axis in np.argsort(array.shape)[::-1]:
+        if array.shape[axis] % size == 0:
+            spec = [None] * array.ndim
+            spec[axis] = "model"
+            return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+
+def shard_frozen(frozen, mesh, fsdp: bool):
+    if not fsdp:
+        return jax.device_put(frozen, replicated(mesh))
+    return jax.tree.map(lambda x: jax.device_put(x, fsdp_sharding(mesh, x)), frozen)
+
+
+def global_batch(batch: dict, mesh) -> dict:
+    """Process-local numpy batch -> global arrays sharded over `data` (works on many hosts)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items() if not isinstance(v, (str, bytes)) and np.asarray(v).dtype != object}

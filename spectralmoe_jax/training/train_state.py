@@ -1,0 +1,70 @@
+"""The train state and the pure, jitted training step.
+
+`train_step(state, frozen, batch) -> (state, metrics)` is one XLA program: the forward of both
+backbones, the adapter, the decoder, the Hungarian matching and the losses, the backward through
+the trainable parameters only, and the AdamW update. Frozen weights are an argument, not part of
+the state: they are never differentiated, never updated and carry no optimiser state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from spectralmoe_jax.training.mask2former_loss import mask2former_loss, semantic_to_targets
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array       # int32 scalar: optimiser micro-steps taken
+    params: Any           # trainable parameters (nnx.State)
+    opt_state: Any        # optax state of `params`
+    rng: jax.Array        # base key; step keys are fold_in(rng, step), so a resume replays them
+
+
+def tree_select(predicate: jax.Array, on_true, on_false):
+    return jax.tree.map(lambda a, b: jnp.where(predicate, a, b), on_true, on_false)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, num_classes: int,
+                    loss_config, ignore_index: int = 255):
+    """Builds the step for one model structure (`graphdef`) and optimiser."""
+
+    def loss_fn(params, frozen, rest, batch, rng):
+        noise_rng, point_rng = jax.random.split(rng)
+        model = nnx.merge(graphdef, params, frozen, rest)
+        outputs = model(batch["image"], train=True, rng=noise_rng)
+        targets = semantic_to_targets(batch["label"], num_classes, ignore_index=ignore_index)
+        decoder_loss, metrics = mask2former_loss(outputs, targets, point_rng, loss_config)
+        # The adapter's balance term is already weighted per layer and averaged over layers.
+        loss = decoder_loss + outputs["balance_loss"]
+        metrics = dict(metrics, loss=loss, decoder_loss=decoder_loss,
+                       balance_loss=outputs["balance_loss"])
+        return loss, metrics
+
+    def train_step(state: TrainState, frozen, rest, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, frozen, rest, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A non-finite loss must not poison the state: keep the old one; the loop stops on it.
+        finite = jnp.isfinite(loss)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), finite=finite)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=tree_select(finite, params, state.params),
+            opt_state=tree_select(finite, opt_state, state.opt_state))
+        return new_state, metrics
+
+    return train_step
+
+
+def init_train_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)))
