@@ -59,7 +59,7 @@ def base_config(data: ml_collections.ConfigDict, *, num_steps: int,
     config.model = ml_collections.ConfigDict(dict(
         dtype="bfloat16",
         vfm=vfm_config(vfm, in_channels=len(data.bands)),
-        depth=depth_config(bands=data.get("depth_bands", (0, 1, 2))),
+        depth=depth_config(bands=data.get("rgb_bands") or (0, 1, 2)),
         adapter=adapter_config(),
         decoder=decoder_config(data.num_classes),
         feature_layers=(7, 11, 15, 23),
@@ -81,3 +81,34 @@ def base_config(data: ml_collections.ConfigDict, *, num_steps: int,
     ))
     config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, fsdp=False))
     return config
+
+
+# Methods compared in the paper, as variants of one config (`--config configs/flair.py:rein`).
+METHODS = ("spectralmoe", "frozen", "rein", "no_moe", "no_dual_gating", "no_depth", "no_cross_attention")
+
+
+def apply_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+    """SpectralMoE (default), the frozen-backbone baseline, REIN, or a Table 4 ablation."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method variant {method!r}; known: {', '.join(METHODS)}")
+    adapter, depth = config.model.adapter, config.model.depth
+    if method == "frozen":           # frozen VFM + Mask2Former, no adapter, no depth
+        adapter.enabled = False
+        depth.enabled = False
+    elif method == "rein":           # REIN: learnable tokens, no experts, gates or depth
+        adapter.kind = "rein"
+        depth.enabled = False
+    elif method == "no_moe":         # one expert, no gating
+        adapter.use_moe = False
+    elif method == "no_dual_gating":  # one gate shared by both modalities
+        adapter.dual_gating = False
+    elif method == "no_depth":       # no depth input (and no depth encoder to run)
+        adapter.use_depth = False
+        depth.enabled = False
+    elif method == "no_cross_attention":  # fusion by addition
+        adapter.fusion = "add"
+    return config
+
+
+def parse_variant(arg: str | None) -> str:
+    return (arg or "spectralmoe").strip() or "spectralmoe"

@@ -11,6 +11,8 @@ split into q/k/v before the tables apply, so every rule maps one tensor to one p
 Keys outside the decoder's prefixes are left to the backbone / adapter converters.
 """
 
+import dataclasses
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -76,7 +78,7 @@ HF_RULES = [
     *_linear(r"class_predictor", "transformer_decoder/class_head"),
 ]
 
-# --- mmdet / MMSegmentation (after stripping "decode_head.") ---------------------------------
+# --- mmdet / MMSegmentation (relative to the head's prefix, "decode_head.") ------------------
 _P = r"pixel_decoder\."
 _T = r"transformer_decoder\."
 MMSEG_RULES = [
@@ -141,10 +143,11 @@ def convert_hf(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def convert_mmseg(state_dict: Mapping[str, np.ndarray], prefix: str = "decode_head.") -> dict[str, np.ndarray]:
     """mmdet / MMSegmentation `Mask2FormerHead` state dict (keys under `prefix`) -> parameters."""
-    selected = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    selected = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not selected:
         raise ConversionError(f"no keys under {prefix!r} in the checkpoint")
-    return apply_rules(split_in_proj(selected), MMSEG_RULES)
+    rules = [dataclasses.replace(r, source=re.escape(prefix) + r.source) for r in MMSEG_RULES]
+    return apply_rules(split_in_proj(selected), rules)
 
 
 def detect_naming(state_dict: Mapping[str, np.ndarray]) -> str:

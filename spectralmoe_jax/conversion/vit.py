@@ -355,12 +355,13 @@ def load_vit(source, config: ViTConfig, scheme: str = "auto", *, prefix: str = "
     `allow_missing` / `allow_unexpected` are regular expressions naming our parameter paths that
     may stay at their initial values / checkpoint keys that may be dropped.
     """
-    def build():
-        return VisionTransformer(config, rngs=rngs or nnx.Rngs(0))
+    def build(rngs):
+        return VisionTransformer(config, rngs=rngs)
 
-    # Every parameter comes from the checkpoint unless some may be missing: then skip the
-    # random initialisation (slow on a host, and pointless) and build only the shapes.
-    model = build() if allow_missing else nnx.eval_shape(build)
+    # Unless some parameters may be missing, every one comes from the checkpoint: build only the
+    # shapes. Otherwise initialise in one compiled call rather than op by op.
+    rngs = rngs or nnx.Rngs(0)
+    model = nnx.jit(build)(rngs) if allow_missing else nnx.eval_shape(build, rngs)
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         return restore_params(model, source, allow_missing=allow_missing)
     state = load_state_dict(source) if isinstance(source, (str, os.PathLike)) else source

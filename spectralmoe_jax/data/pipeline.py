@@ -55,12 +55,14 @@ class TrainIterator(grain.DatasetIterator):
     `batch_size`, since the stream before batching depends only on the seed."""
 
     def __init__(self, make_dataset, seed: int, batch_size: int):
+        self._iterator = None        # `close` runs on garbage collection even if this raises
+        first = make_dataset(0)
         super().__init__()
         self._make_dataset = make_dataset
         self._seed = seed
         self._batch_size = batch_size
         self._position = 0
-        self._iterator = iter(make_dataset(0))
+        self._iterator = iter(first)
 
     def __next__(self) -> dict:
         batch = next(self._iterator)
@@ -79,7 +81,8 @@ class TrainIterator(grain.DatasetIterator):
         self._iterator = iter(self._make_dataset(self._position))
 
     def close(self) -> None:
-        self._iterator.close()
+        if self._iterator is not None:
+            self._iterator.close()
 
 
 def make_train_iterator(data_config, *, seed: int, batch_size: int, process_index: int = 0,

@@ -1,11 +1,12 @@
 """TensorFlow-datasets builder writing ArrayRecord shards: the fast input path for big runs.
 
 One builder class, `SpectralSegmentation`, parameterised by a dataset definition: its builder
-config carries a `config.data` (a benchmark of `benchmarks.py` or your own), and the config
-name is the dataset name. It reads the manual download
-folder with the same sources as training (`manual_dir` replaces `config.data.root`) and stores,
-per tile, what `TileSource.read_raw` returns: the selected bands in the file's dtype, the
-labels after `label_map`, the nodata mask, name, domain and the GeoTIFF's CRS and transform.
+config carries a `config.data` (a benchmark of `benchmarks.py` or your own) and is named after
+the dataset. It reads the manual download folder with the same sources as training
+(`manual_dir` replaces `config.data.root`) and stores, per tile, what `TileSource.read_raw`
+returns: the selected bands in the file's dtype, the labels after `label_map`, the nodata
+mask, name, domain and the GeoTIFF's CRS and transform. Changing bands or `label_map` means
+building again.
 Reading back through `tfds.data_source` and `sources.finalize` gives the same elements as the
 files. Build once, then train with `--config.data.tfds_data_dir=DIR`:
 
@@ -23,8 +24,8 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from etils import epath
 import tensorflow_datasets as tfds
+from etils import epath
 
 from spectralmoe_jax.data import readers
 from spectralmoe_jax.data.sources import TileSource
@@ -60,8 +61,9 @@ class SpectralSegmentation(tfds.core.GeneratorBasedBuilder):
         if spec.dtype is None:
             raise DataError(f"config.data.dtype is needed to build {spec.name!r} with tfds "
                             "(the image dtype of the stored tiles)")
-        label_dtype = np.uint8 if spec.ignore_index <= 255 and spec.num_classes <= 255 else np.int32
-        zlib = "zlib"
+        small = spec.ignore_index <= 255 and spec.num_classes <= 255
+        label_dtype = np.uint8 if small else np.int32
+        zlib = "zlib"     # per-array compression; decoding stays in NumPy
         return self.dataset_info_from_configs(
             description=f"{spec.name}: bands {list(spec.band_names)}, "
                         f"{spec.num_classes} classes {list(spec.class_names)}",
@@ -97,7 +99,7 @@ class SpectralSegmentation(tfds.core.GeneratorBasedBuilder):
             label = raw["label"]
             if np.iinfo(label_dtype).max < label.max() or label.min() < 0:
                 raise DataError(f"{source.tiles[index].label_path}: label values "
-                                f"{sorted(set(np.unique(label)))[:10]} do not fit {label_dtype}")
+                                f"{np.unique(label)[:10].tolist()} do not fit {label_dtype}")
             profile = readers.read_profile(source.tiles[index].image_path) or {}
             crs, transform = profile.get("crs"), profile.get("transform")
             height, width = label.shape

@@ -198,7 +198,8 @@ def _json_float(value) -> float | None:
     return None if math.isnan(value) else value
 
 
-def save_confusion(conf, path_stem: str, class_names: Sequence[str] | None = None) -> tuple[str, str]:
+def save_confusion(conf, path_stem: str,
+                   class_names: Sequence[str] | None = None) -> tuple[str, str]:
     """Writes `<path_stem>.npy` (int64 [K, K]) and `<path_stem>.csv` (labelled rows: ground
     truth, columns: prediction). Returns both paths."""
     conf = np.asarray(conf, dtype=np.int64)

@@ -21,7 +21,7 @@ import functools
 import os
 import shutil
 import tempfile
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,12 @@ from rasterio.enums import MaskFlags, Resampling
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from spectralmoe_jax.evaluation.inference import (PredictFn, whole_inference, window_starts,
-                                                  window_weights)
+from spectralmoe_jax.evaluation.inference import (
+    PredictFn,
+    whole_inference,
+    window_starts,
+    window_weights,
+)
 
 PROBABILITIES = ("softmax", "normalize", "identity")
 
@@ -50,7 +54,7 @@ class SceneResult:
 def predict_scene(predict_fn: PredictFn, src_path: str, dst_path: str, *, num_classes: int,
                   mean: Sequence[float], std: Sequence[float],
                   bands: Sequence[int | str] | None = None,
-                  scaling: float | Callable[[np.ndarray], np.ndarray] | None = None,
+                  value_scale: float = 1.0, nodata: float | None = None,
                   window: int = 512, overlap: int = 128, blend: str = "hann",
                   patch_multiple: int = 16, tta: bool = False, batch_size: int = 4,
                   block_width: int = 8192, write_probabilities: bool = False,
@@ -62,11 +66,14 @@ def predict_scene(predict_fn: PredictFn, src_path: str, dst_path: str, *, num_cl
 
     Args:
       predict_fn: normalised images [B, h, w, C] -> class scores [B, h, w, K] (jitted or not).
-      mean, std: per selected band, in the units after `scaling`; input = (x * s - mean) / std.
+      mean, std: per selected band, in scaled units: input = (x / value_scale - mean) / std.
       bands: 0-based band indexes or band descriptions (names) to select, in model order;
         None takes all bands.
-      scaling: a factor applied to the raw values (e.g. 1e-4 for reflectance stored as uint16)
-        or a function of the float32 array [h, w, C]; None keeps the raw values.
+      value_scale: raw values are divided by it (config.data.value_scale, e.g. 10000 for
+        reflectance stored as integers).
+      nodata: input nodata value; None uses the file's masks (nodata tag, mask band, alpha).
+        A band's nodata values enter the network as 0 (the mean); a pixel that is nodata in
+        every selected band gets `label_nodata`, as in the data pipeline (`data/readers.py`).
       window, overlap: window size and overlap in pixels (stride = window - overlap).
       blend: 'hann' (smooth, seamless) or 'mean' (mmseg's average) blending of scores.
       patch_multiple: each window is padded with zeros to a multiple of it and cropped back.
@@ -79,8 +86,7 @@ def predict_scene(predict_fn: PredictFn, src_path: str, dst_path: str, *, num_cl
         'normalize' non-negative scores to sum 1, or 'identity'); 0 at nodata pixels.
       palette: optional [>= K, 3] uint8 colours, stored as the label band's colour table.
       class_names: optional, stored as the probability bands' descriptions.
-      label_nodata: label of nodata input pixels (masked in any selected band), also the
-        output's nodata value; must not be a class. Nodata pixels enter the network as 0.
+      label_nodata: label of nodata pixels and the output's nodata value; not a class.
       compress: COG compression ('deflate', 'zstd', 'lzw', ...).
       progress: show a tqdm progress bar over windows.
       gdal_cache_mb: GDAL's block cache while predicting (bounds its memory).
@@ -92,6 +98,8 @@ def predict_scene(predict_fn: PredictFn, src_path: str, dst_path: str, *, num_cl
                          f"({label_nodata}) <= 255 for uint8 labels")
     if not 0 <= overlap < window:
         raise ValueError(f"overlap {overlap} must be in [0, window={window})")
+    if block_width < window:
+        raise ValueError(f"block_width {block_width} must be at least the window {window}")
     if probabilities not in PROBABILITIES:
         raise ValueError(f"probabilities must be one of {PROBABILITIES}, got {probabilities!r}")
     dst_dir = os.path.dirname(os.path.abspath(dst_path))
@@ -111,26 +119,28 @@ def predict_scene(predict_fn: PredictFn, src_path: str, dst_path: str, *, num_cl
         block_columns = [[x for x in xs if x < x1 and x + win_w > x0] for x0, x1 in blocks]
         num_windows = len(ys) * sum(len(c) for c in block_columns)
         predict, accumulate, scroll = _device_fns(
-            predict_fn, window_weights(win_h, win_w, blend), num_classes=num_classes,
+            predict_fn, (win_h, win_w), blend, num_classes=num_classes,
             patch_multiple=patch_multiple, tta=tta,
             probabilities=probabilities if write_probabilities else None)
-        masked = any(MaskFlags.all_valid not in src.mask_flag_enums[i - 1] for i in indexes)
+        masked = nodata is not None or any(
+            MaskFlags.all_valid not in src.mask_flag_enums[i - 1] for i in indexes)
 
-        def valid_mask(region: Window) -> np.ndarray:
-            """[h, w] bool: pixels valid in every selected band."""
+        def band_masks(region: Window, raw: np.ndarray | None = None) -> np.ndarray | None:
+            """[C, h, w] bool, True where a band holds data; None when the file has no nodata."""
             if not masked:
-                return np.ones((region.height, region.width), bool)
-            return src.read_masks(indexes, window=region).min(axis=0) > 0
+                return None
+            if nodata is None:
+                return src.read_masks(indexes, window=region) > 0
+            raw = src.read(indexes, window=region) if raw is None else raw
+            return ~np.isnan(raw) if np.isnan(nodata) else raw != nodata
 
         def read(region: Window) -> np.ndarray:
-            """The normalised float32 [h, w, C] input of a region; nodata set to 0."""
-            image = np.moveaxis(src.read(indexes, window=region, out_dtype=np.float32), 0, -1)
-            if callable(scaling):
-                image = np.asarray(scaling(image), np.float32)
-            elif scaling is not None:
-                image = image * np.float32(scaling)
-            image = (image - mean) / std
-            image[~valid_mask(region)] = 0.0
+            """The normalised float32 [h, w, C] input of a region; nodata values set to 0."""
+            raw = src.read(indexes, window=region, out_dtype=np.float32)
+            image = (np.moveaxis(raw, 0, -1) / np.float32(value_scale) - mean) / std
+            valid = band_masks(region, raw)
+            if valid is not None:
+                image[~np.moveaxis(valid, 0, -1)] = 0.0
             return image
 
         tmp_dir = tempfile.mkdtemp(prefix=".predict_", dir=dst_dir)
@@ -151,8 +161,9 @@ def predict_scene(predict_fn: PredictFn, src_path: str, dst_path: str, *, num_cl
                         return acc, total
                     acc, total, labels, probs = scroll(acc, total, rows=rows)
                     region = Window(x0, row, x1 - x0, rows)
-                    valid = valid_mask(region)
                     labels = np.array(jax.device_get(labels)[:, x0 - left:x1 - left])
+                    valid = band_masks(region)
+                    valid = np.ones(labels.shape, bool) if valid is None else valid.any(axis=0)
                     labels[~valid] = label_nodata
                     labels_out.write(labels[None], window=region)
                     if write_probabilities:
@@ -163,10 +174,12 @@ def predict_scene(predict_fn: PredictFn, src_path: str, dst_path: str, *, num_cl
 
                 bar = tqdm(total=num_windows, unit="window", disable=not progress,
                            desc=os.path.basename(src_path))
+                # One buffer shape for all blocks, so that the device functions compile once.
+                buffer_width = max(c[-1] + win_w - c[0] for c in block_columns)
                 for (x0, x1), columns in zip(blocks, block_columns):
                     left = columns[0]
-                    acc = jnp.zeros((win_h, columns[-1] + win_w - left, num_classes), jnp.float32)
-                    total = jnp.zeros(acc.shape[:2], jnp.float32)
+                    acc = jax.device_put(np.zeros((win_h, buffer_width, num_classes), np.float32))
+                    total = jax.device_put(np.zeros((win_h, buffer_width), np.float32))
                     top = 0  # the scene row of the buffer's first row
                     for y in ys:
                         # Rows above y are final: no window of this or a later row reaches them.
@@ -177,11 +190,11 @@ def predict_scene(predict_fn: PredictFn, src_path: str, dst_path: str, *, num_cl
                             image = read(Window(cols[0], y, cols[-1] + win_w - cols[0], win_h))
                             batch = np.zeros((batch_size, win_h, win_w, len(indexes)), np.float32)
                             offsets = np.zeros(batch_size, np.int32)
-                            valid = np.zeros(batch_size, np.float32)
+                            used = np.zeros(batch_size, np.float32)  # 0: batch padding
                             for i, x in enumerate(cols):
                                 batch[i] = image[:, x - cols[0]:x - cols[0] + win_w]
-                                offsets[i], valid[i] = x - left, 1.0
-                            acc, total = accumulate(acc, total, predict(batch), offsets, valid)
+                                offsets[i], used[i] = x - left, 1.0
+                            acc, total = accumulate(acc, total, predict(batch), offsets, used)
                             bar.update(len(cols))
                     emit(acc, total, top, height - top, left, x0, x1)
                 bar.close()
@@ -201,13 +214,15 @@ def predict_scene(predict_fn: PredictFn, src_path: str, dst_path: str, *, num_cl
                        height, width, num_windows)
 
 
-def _device_fns(predict_fn, weights: np.ndarray, *, num_classes: int, patch_multiple: int,
-                tta: bool, probabilities: str | None):
+@functools.lru_cache(maxsize=4)
+def _device_fns(predict_fn, window: tuple[int, int], blend: str, *, num_classes: int,
+                patch_multiple: int, tta: bool, probabilities: str | None):
     """Jitted (predict, accumulate, scroll) over a score buffer kept on the device.
 
-    The model is compiled once (`predict` on a fixed batch shape); `accumulate` and `scroll`
-    are cheap and compiled per buffer shape and row count.
+    The model is compiled once per window shape (`predict` on a fixed batch shape), and kept
+    for the next scene; `accumulate` and `scroll` are cheap and compiled per buffer shape.
     """
+    weights = window_weights(*window, blend)
 
     @jax.jit
     def predict(batch):
@@ -219,17 +234,17 @@ def _device_fns(predict_fn, weights: np.ndarray, *, num_classes: int, patch_mult
         return scores.astype(jnp.float32) * weights[:, :, None]
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def accumulate(acc, total, scores, offsets, valid):
-        """Adds window i's scores at buffer column offsets[i] where valid[i] (batch padding)."""
+    def accumulate(acc, total, scores, offsets, used):
+        """Adds window i's scores at buffer column offsets[i], times used[i] (0: padding)."""
 
         def add(i, carry):
             acc, total = carry
             corner = (0, offsets[i], 0)
             acc = jax.lax.dynamic_update_slice(
-                acc, jax.lax.dynamic_slice(acc, corner, scores.shape[1:]) + valid[i] * scores[i],
+                acc, jax.lax.dynamic_slice(acc, corner, scores.shape[1:]) + used[i] * scores[i],
                 corner)
             total = jax.lax.dynamic_update_slice(
-                total, jax.lax.dynamic_slice(total, corner[:2], weights.shape) + valid[i] * weights,
+                total, jax.lax.dynamic_slice(total, corner[:2], weights.shape) + used[i] * weights,
                 corner[:2])
             return acc, total
 
@@ -275,7 +290,8 @@ def _band_indexes(src, bands) -> list[int]:
 def _per_band(values, name: str, count: int, path: str) -> np.ndarray:
     values = np.asarray(values, np.float32).reshape(-1)
     if values.size != count:
-        raise ValueError(f"{name} has {values.size} values for the {count} selected bands of {path}")
+        raise ValueError(f"{name} has {values.size} values for the {count} selected bands "
+                         f"of {path}")
     if name == "std" and np.any(values <= 0):
         raise ValueError(f"std must be positive, got {values.tolist()}")
     return values

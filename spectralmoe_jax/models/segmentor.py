@@ -8,6 +8,7 @@ frozen (`is_trainable` below), so the optimiser never sees them and they carry n
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -66,23 +67,26 @@ class Segmentor(nnx.Module):
         self.vfm = VisionTransformer(backbone_config(model_config.vfm, dtype, "model.vfm"), rngs=rngs)
         depth_cfg = model_config.depth
         self.depth_bands = tuple(depth_cfg.bands) if depth_cfg.enabled else None
-        self.depth = (VisionTransformer(backbone_config(depth_cfg, dtype, "model.depth"), rngs=rngs)
-                      if depth_cfg.enabled else None)
+        # nnx.data: an optional submodule stays a pytree node even when it is None.
+        self.depth = nnx.data(
+            VisionTransformer(backbone_config(depth_cfg, dtype, "model.depth"), rngs=rngs)
+            if depth_cfg.enabled else None)
         adapter_fields = dict(model_config.adapter)
-        self.adapter = None
+        adapter = None
         if adapter_fields.pop("enabled", True):
             adapter_fields.setdefault("num_layers", self.vfm.config.depth)
             adapter_fields.setdefault("width", self.vfm.config.width)
-            adapter_fields.setdefault("dtype", dtype)
-            self.adapter = SpectralMoE(
+            adapter_fields.setdefault("dtype", jnp.dtype(dtype))
+            adapter = SpectralMoE(
                 dataclass_from_config(AdapterConfig, adapter_fields, "model.adapter"), rngs=rngs)
+        self.adapter = nnx.data(adapter)
         self.feature_layers = tuple(model_config.feature_layers)
         if max(self.feature_layers) >= self.vfm.config.depth:
             raise ValueError(f"model.feature_layers {self.feature_layers} exceed the VFM's "
                              f"{self.vfm.config.depth} blocks")
         head_fields = dict(model_config.decoder)
         head_fields.setdefault("in_channels", (self.vfm.config.width,) * 4)
-        head_fields.setdefault("dtype", dtype)
+        head_fields.setdefault("dtype", jnp.dtype(dtype))
         self.head = Mask2FormerHead(
             dataclass_from_config(Mask2FormerConfig, head_fields, "model.decoder"), rngs=rngs)
 
@@ -150,3 +154,32 @@ def frozen_filter():
 def split_model(model: Segmentor):
     """graphdef, trainable params, frozen params, everything else (non-Param variables)."""
     return nnx.split(model, trainable_filter(), frozen_filter(), ...)
+
+
+def load_backbone(module: VisionTransformer, cfg, where: str) -> None:
+    """Fills a frozen backbone from `cfg.checkpoint`: an Orbax directory written by the convert
+    mode, or a PyTorch file converted on the fly (released options: patch kernel and position
+    table resized to the configured patch and grid, multispectral stem by `cfg.stem`)."""
+    from spectralmoe_jax.conversion.rules import load_into_module
+    from spectralmoe_jax.conversion.torch_io import load_state_dict
+    from spectralmoe_jax.conversion.vit import convert_state_dict, restore_params
+
+    path = cfg.checkpoint
+    if os.path.isdir(path):
+        restore_params(module, path)
+        return
+    params = convert_state_dict(
+        load_state_dict(path), module.config, cfg.get("checkpoint_scheme", "auto"),
+        prefix=cfg.get("checkpoint_prefix", ""), resize_patch=True, resize_pos=True,
+        stem=cfg.get("stem", "cyclic"))
+    load_into_module(module, params)
+
+
+def build_segmentor(model_config, seed: int = 0) -> Segmentor:
+    """The segmentor with its frozen backbones loaded from their checkpoints, when given."""
+    model = Segmentor(model_config, rngs=nnx.Rngs(seed))
+    for name in FROZEN_PREFIXES:
+        module, cfg = getattr(model, name), model_config[name]
+        if module is not None and cfg.get("checkpoint"):
+            load_backbone(module, cfg, f"model.{name}")
+    return model

@@ -66,6 +66,8 @@ class AdapterConfig:
     dtype: Any = jnp.float32  # compute dtype; parameters are float32, the router always float32
 
     def __post_init__(self):
+        # ml_collections hands over lists; the config must stay hashable (static under jit).
+        object.__setattr__(self, "balance_terms", tuple(self.balance_terms))
         if self.kind not in KINDS:
             raise ValueError(f"AdapterConfig.kind={self.kind!r}: expected one of {KINDS}")
         if self.fusion not in FUSIONS:

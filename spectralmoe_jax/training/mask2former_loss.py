@@ -14,6 +14,7 @@ Targets are one per class (`semantic_to_targets`), padded to all K classes with 
 so every shape is static and the step stays one XLA program.
 """
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -76,11 +77,15 @@ def sample_point_draws(rng: jax.Array, num_layers: int, batch_size: int, num_tar
     k_match, k_over, k_rand = jax.random.split(rng, 3)
     lbt = (num_layers, batch_size, num_targets)
     return {
-        "matcher_coords": jax.random.uniform(k_match, (num_layers, batch_size, config.num_points, 2)),
-        "oversampled_coords": jax.random.uniform(k_over, (*lbt, config.num_oversampled, 2)),
-        "random_coords": jax.random.uniform(
-            k_rand, (*lbt, config.num_points - config.num_importance, 2)),
+        "matcher_coords": _uniform(k_match, (num_layers, batch_size, config.num_points, 2)),
+        "oversampled_coords": _uniform(k_over, (*lbt, config.num_oversampled, 2)),
+        "random_coords": _uniform(k_rand, (*lbt, config.num_points - config.num_importance, 2)),
     }
+
+
+def _uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    # Drawn flat: XLA's compile time of the partitionable threefry grows steeply with the rank.
+    return jax.random.uniform(key, (math.prod(shape),)).reshape(shape)
 
 
 def match_queries(class_logits: jax.Array, mask_logits: jax.Array, targets: dict,

@@ -43,6 +43,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, num_classes: 
         decoder_loss, metrics = mask2former_loss(outputs, targets, point_rng, loss_config)
         # The adapter's balance term is already weighted per layer and averaged over layers.
         loss = decoder_loss + outputs["balance_loss"]
+        # Per-layer terms are logged for the last decoder layer, the one used at inference.
+        metrics = {k: v[-1] if v.ndim else v for k, v in metrics.items()}
         metrics = dict(metrics, loss=loss, decoder_loss=decoder_loss,
                        balance_loss=outputs["balance_loss"])
         return loss, metrics

@@ -44,7 +44,8 @@ class Training:
 
         # --- Bad input is found before anything is written ---------------------------------
         if tc.get("validate_data", True):
-            validate_dataset(config.data)
+            # A quick check (headers, a sample of tiles); `--mode validate` reads every pixel.
+            validate_dataset(config.data, read_pixels=False, max_tiles=256)
         self.checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"), keep=tc.get("keep_checkpoints", 3),
             best_metric="mIoU")
