@@ -14,12 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import rasterio
 from affine import Affine
+
+if __package__ in (None, ""):  # run as a file from a checkout without installing the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spectralmoe_jax.data import benchmarks, pipeline, sources, transforms
 

@@ -7,7 +7,7 @@ import os
 
 
 def train(config, workdir, **_):
-    from spectralmoe_jax.evaluation.evaluator import Evaluator
+    from spectralmoe_jax.evaluation.runner import Evaluator
     from spectralmoe_jax.training.trainer import Training
 
     training = Training(config, workdir)
@@ -18,14 +18,14 @@ def train(config, workdir, **_):
 
 
 def eval(config, workdir, **_):  # noqa: A001 - the mode's name
-    from spectralmoe_jax.evaluation.evaluator import Evaluator, load_model_for_inference
+    from spectralmoe_jax.evaluation.runner import Evaluator, load_model_for_inference
 
     model, step = load_model_for_inference(config, workdir)
     return Evaluator(config, workdir).evaluate(model, step=step, report=config.eval.report)
 
 
 def predict(config, workdir, input_path=None, output_path=None, **_):
-    from spectralmoe_jax.evaluation.evaluator import load_model_for_inference, predict_paths
+    from spectralmoe_jax.evaluation.runner import load_model_for_inference, predict_paths
 
     if not input_path:
         raise ValueError("--mode predict needs --input: a GeoTIFF scene or a folder of them")
@@ -56,13 +56,42 @@ def convert(config, workdir, input_path=None, output_path=None, **_):
 
 
 def stats(config, workdir, **_):
-    from spectralmoe_jax.data.stats import dataset_statistics_for_config
+    """Per-band statistics of the training split, printed as a config snippet to paste."""
+    import numpy as np
 
-    return dataset_statistics_for_config(config.data, workdir)
+    from spectralmoe_jax.data.sources import make_source
+    from spectralmoe_jax.data.spec import dataset_spec
+    from spectralmoe_jax.data.stats import compute_band_stats, config_snippet
+
+    spec = dataset_spec(config.data)
+    source = make_source(spec, "source")
+    info = np.iinfo(spec.dtype) if np.issubdtype(np.dtype(spec.dtype), np.integer) else None
+    value_range = (0.0, float(info.max) + 1) if info else tuple(config.data.get("value_range", (0.0, 1.0)))
+    bins = int(min(value_range[1] - value_range[0], 4096)) if info else 4096
+    def examples():
+        for i in range(len(source)):
+            raw = source.read_raw(i)
+            valid = None if raw["nodata"] is None else ~raw["nodata"]
+            yield {"image": raw["image"]} if valid is None else {"image": raw["image"], "valid": valid}
+
+    raw = examples()
+    result = compute_band_stats(raw, value_range=value_range, bins=bins)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "stats.json"), "w") as f:
+        json.dump(result, f, indent=2, default=lambda x: np.asarray(x).tolist())
+    print(config_snippet(result))
+    return result
 
 
 def demo(config, workdir, **_):
-    """The whole job: train, evaluate on the unseen domain, predict its tiles, write a report."""
+    """The whole job: train, evaluate the unseen domain (with its report), predict its tiles."""
+    from spectralmoe_jax.data.pipeline import make_eval_source
+    from spectralmoe_jax.evaluation.runner import load_model_for_inference, predict_paths
+
     train(config, workdir)
     metrics = eval(config, workdir)
+    model, _ = load_model_for_inference(config, workdir)
+    source = make_eval_source(config.data, config.eval.split)
+    for i in range(len(source)):
+        predict_paths(model, config, source.source.path(i), os.path.join(workdir, "predictions"))
     return metrics

@@ -1,7 +1,19 @@
 """Shared test settings: float32 parity needs full-precision matmuls on every backend."""
 import os
 
+import tempfile
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Compiled programs are cached on disk: the engine tests compile the same tiny step in several
+# processes (subprocess tests inherit these variables).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "spectralmoe_jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
+# Tests run tiny shapes: LLVM's optimisation passes cost far more than they save (halves the
+# compile time of the train step; the numerics are the same IEEE float32 operations).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+                               " --xla_llvm_disable_expensive_passes=true").strip()
 
 import jax
 import numpy as np

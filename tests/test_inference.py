@@ -100,10 +100,11 @@ def test_slide_equals_whole_for_per_pixel_model(np_rng, blend):
     kernel = jnp.asarray(np_rng.normal(size=(1, 1, C, K)), jnp.float32)
     predict = conv_fn(kernel, jnp.zeros(K))
     x = np_rng.normal(size=(1, 100, 77, C)).astype(np.float32)
-    whole = inference.whole_inference(predict, x)
-    slide = inference.slide_inference(predict, x, window=40, stride=24, blend=blend,
-                                      batch_size=3)
+    whole = inference.make_infer_fn(predict, mode="whole")(x)
+    slide = inference.make_infer_fn(predict, mode="slide", window=40, stride=24, blend=blend,
+                                    batch_size=3)(x)
     assert relative_error(slide, whole) < 1e-6
+    assert relative_error(whole, np.asarray(x) @ np.asarray(kernel[0, 0])) < 1e-6
 
 
 def test_window_larger_than_image(np_rng, conv3):
@@ -159,3 +160,5 @@ def test_bad_predict_fn_output(np_rng):
         inference.whole_inference(lambda im: im[:, ::4, ::4], x)
     with pytest.raises(ValueError, match="blend must be one of"):
         inference.window_weights(4, 4, "gauss")
+    with pytest.raises(ValueError, match="mode must be 'whole' or 'slide'"):
+        inference.make_infer_fn(lambda im: im, mode="tiles")

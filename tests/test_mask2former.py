@@ -22,13 +22,26 @@ TOL = 1e-5
 def build_hf_model(seed: int = 0) -> Mask2FormerForUniversalSegmentation:
     torch.manual_seed(seed)
     backbone = SwinConfig(
-        image_size=IMAGE, embed_dim=CHANNELS[0], depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-        window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])
+        image_size=IMAGE,
+        embed_dim=CHANNELS[0],
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=2,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
     config = HFMask2FormerConfig(
-        backbone_config=backbone, feature_size=64, mask_feature_size=64, hidden_dim=64,
-        encoder_feedforward_dim=96, dim_feedforward=80, encoder_layers=2,
+        backbone_config=backbone,
+        feature_size=64,
+        mask_feature_size=64,
+        hidden_dim=64,
+        encoder_feedforward_dim=96,
+        dim_feedforward=80,
+        encoder_layers=2,
         decoder_layers=4,  # HF counts the prediction before the first layer: 3 layers
-        num_attention_heads=4, num_queries=8, num_labels=5)
+        num_attention_heads=4,
+        num_queries=8,
+        num_labels=5,
+    )
     model = Mask2FormerForUniversalSegmentation(config).eval()
     with torch.no_grad():  # move off the zero / identity initialisations (offsets, norms)
         for p in model.parameters():
@@ -37,10 +50,19 @@ def build_hf_model(seed: int = 0) -> Mask2FormerForUniversalSegmentation:
 
 
 def our_config(**overrides) -> Mask2FormerConfig:
-    return Mask2FormerConfig(
-        in_channels=CHANNELS, num_classes=5, hidden_dim=64, num_queries=8, encoder_layers=2,
-        encoder_heads=4, encoder_ffn_dim=96, decoder_layers=3, decoder_heads=4, decoder_ffn_dim=80,
-        **overrides)
+    tiny = dict(
+        in_channels=CHANNELS,
+        num_classes=5,
+        hidden_dim=64,
+        num_queries=8,
+        encoder_layers=2,
+        encoder_heads=4,
+        encoder_ffn_dim=96,
+        decoder_layers=3,
+        decoder_heads=4,
+        decoder_ffn_dim=80,
+    )
+    return Mask2FormerConfig(**{**tiny, **overrides})
 
 
 def numpy_state_dict(model) -> dict[str, np.ndarray]:
@@ -54,7 +76,9 @@ def nhwc(x: torch.Tensor) -> jnp.ndarray:
 def hf_decoder_outputs(model, multi_scale, mask_features):
     """Per-layer class logits [L+1, B, Q, K+1] and mask logits [L+1, B, Q, h, w] of HF."""
     out = model.model.transformer_module(multi_scale, mask_features, output_hidden_states=True)
-    classes = torch.stack([model.class_predictor(h.transpose(0, 1)) for h in out.intermediate_hidden_states])
+    classes = torch.stack(
+        [model.class_predictor(h.transpose(0, 1)) for h in out.intermediate_hidden_states]
+    )
     return classes.numpy(), torch.stack(out.masks_queries_logits).numpy()
 
 
@@ -65,7 +89,9 @@ def reference():
     with torch.no_grad():
         features = model.model.pixel_level_module.encoder(pixels).feature_maps
         pixel_out = model.model.pixel_level_module.decoder(features)
-        classes, masks = hf_decoder_outputs(model, pixel_out.multi_scale_features, pixel_out.mask_features)
+        classes, masks = hf_decoder_outputs(
+            model, pixel_out.multi_scale_features, pixel_out.mask_features
+        )
         full = model(pixels, output_auxiliary_logits=True)
     return {
         "model": model,
@@ -76,7 +102,9 @@ def reference():
         "masks": masks,
         "full_classes": full.class_queries_logits.numpy(),
         "full_masks": full.masks_queries_logits.numpy(),
-        "full_aux_masks": np.stack([a["masks_queries_logits"].numpy() for a in full.auxiliary_logits]),
+        "full_aux_masks": np.stack(
+            [a["masks_queries_logits"].numpy() for a in full.auxiliary_logits]
+        ),
     }
 
 
@@ -114,14 +142,17 @@ def test_transformer_decoder_matches_hf_per_layer(reference, head):
     multi_scale = [nhwc(m) for m in reference["multi_scale"]]
     # The learned position passed explicitly shares one compilation with the next test.
     learned = head.transformer_decoder.query_pos[...]
-    classes, masks = run_transformer_decoder(head, multi_scale, nhwc(reference["mask_features"]), learned)
+    classes, masks = run_transformer_decoder(
+        head, multi_scale, nhwc(reference["mask_features"]), learned
+    )
     assert classes.shape == (4, 2, 8, 6) and masks.shape == (4, 2, 8, 16, 24)
     for layer in range(4):  # before the first layer and after each of the 3
         assert relative_error(classes[layer], reference["classes"][layer]) <= TOL, layer
         assert relative_error(masks[layer], reference["masks"][layer]) <= TOL, layer
     # The masked attention is exercised: queries attend to part of a level, not all or nothing.
     logits = torch.nn.functional.interpolate(
-        torch.from_numpy(reference["masks"][0]), size=(2, 3), mode="bilinear", align_corners=False)
+        torch.from_numpy(reference["masks"][0]), size=(2, 3), mode="bilinear", align_corners=False
+    )
     assert 0.1 < (logits.sigmoid() < 0.5).float().mean() < 0.9
 
 
@@ -147,9 +178,13 @@ def test_query_embedding_replaces_learned_position(reference, head):
     try:
         with torch.no_grad():
             module.queries_embedder.weight.copy_(torch.from_numpy(embedding))
-            expected_pos = hf_decoder_outputs(model, reference["multi_scale"], reference["mask_features"])
+            expected_pos = hf_decoder_outputs(
+                model, reference["multi_scale"], reference["mask_features"]
+            )
             module.queries_features.weight.copy_(torch.from_numpy(embedding @ proj_w.T + proj_b))
-            expected_rein = hf_decoder_outputs(model, reference["multi_scale"], reference["mask_features"])
+            expected_rein = hf_decoder_outputs(
+                model, reference["multi_scale"], reference["mask_features"]
+            )
     finally:
         with torch.no_grad():
             module.queries_embedder.weight.copy_(saved[0])
@@ -157,7 +192,9 @@ def test_query_embedding_replaces_learned_position(reference, head):
 
     multi_scale = [nhwc(m) for m in reference["multi_scale"]]
     mask_features = nhwc(reference["mask_features"])
-    classes, masks = run_transformer_decoder(head, multi_scale, mask_features, jnp.asarray(embedding))
+    classes, masks = run_transformer_decoder(
+        head, multi_scale, mask_features, jnp.asarray(embedding)
+    )
     assert relative_error(classes, expected_pos[0]) <= TOL
     assert relative_error(masks, expected_pos[1]) <= TOL
 

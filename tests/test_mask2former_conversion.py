@@ -36,7 +36,10 @@ TRANSFORMER = [
     (r"queries_features\.", r"query_feat."),
     (r"level_embed\.", r"level_embed."),
     (r"decoder\.layers\.(\d)\.cross_attn\.", r"transformer_decoder.layers.\1.cross_attn.attn."),
-    (r"decoder\.layers\.(\d)\.self_attn\.out_proj\.", r"transformer_decoder.layers.\1.self_attn.attn.out_proj."),
+    (
+        r"decoder\.layers\.(\d)\.self_attn\.out_proj\.",
+        r"transformer_decoder.layers.\1.self_attn.attn.out_proj.",
+    ),
     (r"decoder\.layers\.(\d)\.cross_attn_layer_norm\.", r"transformer_decoder.layers.\1.norms.0."),
     (r"decoder\.layers\.(\d)\.self_attn_layer_norm\.", r"transformer_decoder.layers.\1.norms.1."),
     (r"decoder\.layers\.(\d)\.final_layer_norm\.", r"transformer_decoder.layers.\1.norms.2."),
@@ -63,16 +66,22 @@ def to_mmseg(hf_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     pixel, transformer = "model.pixel_level_module.decoder.", "model.transformer_module."
     for key, value in hf_state.items():
         if key.startswith(pixel):
-            out["decode_head.pixel_decoder." + _rename(key[len(pixel):], PIXEL)] = value
+            out["decode_head.pixel_decoder." + _rename(key[len(pixel) :], PIXEL)] = value
         elif key.startswith(transformer):
-            match = re.fullmatch(r"decoder\.layers\.(\d)\.self_attn\.q_proj\.(weight|bias)", key[len(transformer):])
+            match = re.fullmatch(
+                r"decoder\.layers\.(\d)\.self_attn\.q_proj\.(weight|bias)", key[len(transformer) :]
+            )
             if match:  # nn.MultiheadAttention stacks q, k, v in in_proj
                 layer, kind = match.groups()
-                parts = [hf_state[f"{transformer}decoder.layers.{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
-                out[f"decode_head.transformer_decoder.layers.{layer}.self_attn.attn.in_proj_{kind}"] = (
-                    np.concatenate(parts))
+                parts = [
+                    hf_state[f"{transformer}decoder.layers.{layer}.self_attn.{p}_proj.{kind}"]
+                    for p in "qkv"
+                ]
+                out[
+                    f"decode_head.transformer_decoder.layers.{layer}.self_attn.attn.in_proj_{kind}"
+                ] = np.concatenate(parts)
             elif not re.search(r"self_attn\.[kv]_proj\.", key):
-                out["decode_head." + _rename(key[len(transformer):], TRANSFORMER)] = value
+                out["decode_head." + _rename(key[len(transformer) :], TRANSFORMER)] = value
         elif key.startswith("class_predictor."):
             out["decode_head.cls_embed." + key.split(".")[-1]] = value
     return out
@@ -99,7 +108,9 @@ def test_mmseg_naming_converts_to_the_hf_parameters(hf_state):
 def test_released_checkpoint_loads_without_query_embed(hf_state):
     """The released head deletes `query_embed` (the adapter supplies it); other keys of a full
     segmentor checkpoint (backbone, adapter) are left to their converters."""
-    released = {k: v for k, v in to_mmseg(hf_state).items() if not k.startswith("decode_head.query_embed")}
+    released = {
+        k: v for k, v in to_mmseg(hf_state).items() if not k.startswith("decode_head.query_embed")
+    }
     released["backbone.blocks.0.attn.qkv.weight"] = np.zeros((3, 3), np.float32)
     head = abstract_head(our_config(learn_query_position=False))
     load_head(head, released)
@@ -108,7 +119,9 @@ def test_released_checkpoint_loads_without_query_embed(hf_state):
     assert sorted(loaded) == sorted(k for k in expected if k != "transformer_decoder/query_pos")
     for key, value in loaded.items():
         np.testing.assert_array_equal(np.asarray(value), expected[key], err_msg=key)
-    with pytest.raises(ConversionError, match="missing from the checkpoint: transformer_decoder/query_pos"):
+    with pytest.raises(
+        ConversionError, match="missing from the checkpoint: transformer_decoder/query_pos"
+    ):
         load_head(abstract_head(our_config()), released)
 
 
@@ -116,7 +129,10 @@ def test_mismatches_are_reported_by_name(hf_state):
     mmseg = to_mmseg(hf_state)
     with pytest.raises(ConversionError, match=r"decode_head\.decoder_input_projs\.0\.weight"):
         convert_mmseg({**mmseg, "decode_head.decoder_input_projs.0.weight": np.zeros((4, 4, 1, 1))})
-    with pytest.raises(ConversionError, match=r"transformer_decoder/class_head/kernel: checkpoint \(64, 6\) vs model \(64, 8\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"transformer_decoder/class_head/kernel: checkpoint \(64, 6\) vs model \(64, 8\)",
+    ):
         load_head(abstract_head(our_config(num_classes=7)), hf_state)
     with pytest.raises(ConversionError, match="neither HF Mask2Former keys"):
         load_head(abstract_head(our_config()), {"backbone.x": np.zeros(1)})

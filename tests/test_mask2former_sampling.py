@@ -2,16 +2,23 @@
 (F.grid_sample semantics at borders and on non-square levels), resizing, position encoding,
 reference points, the attention-mask rule and semantic inference."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flax import nnx
+from transformers import Mask2FormerConfig as HFMask2FormerConfig
 from transformers.models.mask2former import modeling_mask2former as hf
 
 from spectralmoe_jax.models.mask2former import semantic_inference
 from spectralmoe_jax.models.mask2former.layers import resize_bilinear
-from spectralmoe_jax.models.mask2former.ms_deform_attn import deformable_sample
+from spectralmoe_jax.models.mask2former.ms_deform_attn import (
+    MultiScaleDeformableAttention,
+    deformable_sample,
+)
 from spectralmoe_jax.models.mask2former.pixel_decoder import reference_points
 from spectralmoe_jax.models.mask2former.position_encoding import sine_position_encoding
 from spectralmoe_jax.models.mask2former.transformer_decoder import attention_mask
@@ -37,7 +44,11 @@ def test_deformable_sample_matches_hf_grid_sample(np_rng):
     value, locations, weights = _sampling_inputs(np_rng)
     ours = jax.jit(deformable_sample, static_argnums=1)(value, SHAPES, locations, weights)
     theirs = hf.multi_scale_deformable_attention(
-        torch.from_numpy(value), list(SHAPES), torch.from_numpy(locations), torch.from_numpy(weights))
+        torch.from_numpy(value),
+        list(SHAPES),
+        torch.from_numpy(locations),
+        torch.from_numpy(weights),
+    )
     assert ours.shape == (2, 11, 15)
     assert relative_error(ours, theirs.numpy()) <= 1e-6
 
@@ -64,12 +75,18 @@ def test_single_tap_is_grid_sample_with_zero_padding(np_rng):
     locations = np_rng.uniform(-0.5, 1.5, size=(1, 40, 2)).astype(np.float32)
     locations[0, :4] = [[-0.2, 0.5], [1.2, 0.5], [0.5, 5.0], [0.0, 0.0]]  # far outside, corner
     grid = torch.from_numpy(2 * locations - 1)[:, :, None]  # [N, H_out=40, W_out=1, 2]
-    expected = F.grid_sample(torch.from_numpy(image), grid, mode="bilinear", padding_mode="zeros",
-                             align_corners=False)[0, :, :, 0].T.numpy()  # [40, 2]
+    expected = F.grid_sample(
+        torch.from_numpy(image), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )[
+        0, :, :, 0
+    ].T.numpy()  # [40, 2]
     value = image.reshape(1, 1, 2, height * width).transpose(0, 3, 1, 2)  # [1, HW, heads=1, 2]
     ours = deformable_sample(
-        jnp.asarray(value), ((height, width),), locations[:, :, None, None, None, :],
-        jnp.ones((1, 40, 1, 1, 1)))
+        jnp.asarray(value),
+        ((height, width),),
+        locations[:, :, None, None, None, :],
+        jnp.ones((1, 40, 1, 1, 1)),
+    )
     assert relative_error(ours[0], expected) <= 1e-6
     np.testing.assert_array_equal(np.asarray(ours[0, :3]), 0.0)  # nothing within reach
 
@@ -77,14 +94,17 @@ def test_single_tap_is_grid_sample_with_zero_padding(np_rng):
 def test_resize_bilinear_matches_interpolate(np_rng):
     x = np_rng.normal(size=(2, 3, 16, 24)).astype(np.float32)
     for size in ((2, 3), (4, 6), (32, 48), (5, 7)):  # down x8, x4, up x2, non-integer
-        expected = F.interpolate(torch.from_numpy(x), size=size, mode="bilinear", align_corners=False)
+        expected = F.interpolate(
+            torch.from_numpy(x), size=size, mode="bilinear", align_corners=False
+        )
         ours = resize_bilinear(jnp.asarray(x), (2, 3, *size))
         assert relative_error(ours, expected.numpy()) <= 1e-6, size
 
 
 def test_sine_position_encoding_matches_hf():
     expected = hf.Mask2FormerSinePositionEmbedding(num_position_features=32, normalize=True)(
-        torch.Size((1, 64, 5, 7)), "cpu", torch.float32)
+        torch.Size((1, 64, 5, 7)), "cpu", torch.float32
+    )
     ours = sine_position_encoding(5, 7, 32)
     assert ours.shape == (5, 7, 64)
     assert relative_error(ours, expected[0].permute(1, 2, 0).numpy()) <= 1e-6
@@ -92,8 +112,11 @@ def test_sine_position_encoding_matches_hf():
 
 def test_reference_points_match_hf():
     expected = hf.Mask2FormerPixelDecoderEncoderOnly.get_reference_points(
-        list(SHAPES), torch.ones(1, len(SHAPES), 2), "cpu")
-    np.testing.assert_allclose(np.asarray(reference_points(SHAPES)), expected[0, :, 0].numpy(), rtol=1e-6)
+        list(SHAPES), torch.ones(1, len(SHAPES), 2), "cpu"
+    )
+    np.testing.assert_allclose(
+        np.asarray(reference_points(SHAPES)), expected[0, :, 0].numpy(), rtol=1e-6
+    )
 
 
 def test_attention_mask_rule(np_rng):
@@ -102,8 +125,12 @@ def test_attention_mask_rule(np_rng):
     logits = np_rng.normal(size=(2, 6, 16, 24)).astype(np.float32)
     logits[0, 1] = -np.abs(logits[0, 1]) - 0.1  # masked everywhere: must attend everywhere
     logits[1, 2] = np.abs(logits[1, 2]) + 0.1  # attends everywhere
-    masked = F.interpolate(torch.from_numpy(logits), size=(4, 6), mode="bilinear",
-                           align_corners=False).sigmoid().flatten(2) < 0.5
+    masked = (
+        F.interpolate(torch.from_numpy(logits), size=(4, 6), mode="bilinear", align_corners=False)
+        .sigmoid()
+        .flatten(2)
+        < 0.5
+    )
     masked[torch.where(masked.sum(-1) == masked.shape[-1])] = False
     ours = attention_mask(jnp.asarray(logits), (4, 6))
     assert ours.shape == (2, 1, 6, 24) and ours.dtype == jnp.bool_
@@ -129,3 +156,23 @@ def test_semantic_inference_against_numpy(np_rng):
     total = np.einsum("bq,bqhw->bhw", 1 - probs[..., -1], masks)
     np.testing.assert_allclose(ours.sum(-1), total, rtol=1e-5)
     assert ours.min() >= 0 and ours.sum(-1).max() <= queries
+
+
+def test_deformable_attention_init_matches_hf():
+    """Deformable DETR's initial sampling pattern (HF `_init_weights`, mmcv `init_weights`)."""
+    reference = hf.Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(
+        embed_dim=32, num_heads=8, n_levels=3, n_points=4
+    )
+    hf.Mask2FormerPreTrainedModel._init_weights(
+        SimpleNamespace(config=HFMask2FormerConfig()), reference
+    )
+    ours = MultiScaleDeformableAttention(32, 8, 3, 4, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(
+        np.asarray(ours.sampling_offsets.bias[...]),
+        reference.sampling_offsets.bias.detach().numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    for linear in (ours.sampling_offsets, ours.attention_weights):
+        np.testing.assert_array_equal(np.asarray(linear.kernel[...]), 0.0)
+    np.testing.assert_array_equal(np.asarray(ours.attention_weights.bias[...]), 0.0)

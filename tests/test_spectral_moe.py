@@ -201,7 +201,7 @@ def check_against_reference(config, train, seed=0):
         eps_v, eps_d = map(np.asarray, routing_noise(rng, LAYER, (BATCH, TOKENS, config.num_experts)))
     out, loss, expert_v, expert_d = run_ours(module, f_v, f_d if config.use_depth else None, train=train, rng=rng)
     ref_out, ref_loss, ref_experts = ref_spectral_moe(sd, config, LAYER, f_v, f_d, eps_v, eps_d)
-    errors = {"out": relative_error(out, ref_out)}
+    errors = {"out": relative_error(out, ref_out), "update": relative_error(out - f_v, ref_out - f_v)}
     if config.use_moe:
         errors["loss"] = abs(loss - ref_loss) / abs(ref_loss)
         np.testing.assert_array_equal(expert_v, ref_experts["v"])

@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers as hf
 from flax import nnx
 
 from spectralmoe_jax.conversion.vit import load_vit
-from spectralmoe_jax.models.vit import VisionTransformer, ViTConfig, vit_config
+from spectralmoe_jax.models.vit import (
+    VisionTransformer, ViTConfig, interpolate_pos_embed, vit_config)
 from tests.conftest import relative_error
 
 WIDTH, DEPTH, HEADS = 32, 2, 4
@@ -23,7 +25,8 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1.0 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.3 * noise)
+            gain = "norm" in name and name.endswith("weight")
+            p.copy_(1.0 + 0.1 * noise if gain else 0.3 * noise)
     return model.eval()
 
 
@@ -154,6 +157,21 @@ def test_square_input_at_table_size_skips_interpolation():
     check_blocks(out, *hf_states(reference, images))
 
 
+@pytest.mark.parametrize("offset,antialias", [(0.1, False), (0.0, True)])
+def test_position_interpolation_matches_facebookresearch_dinov2(offset, antialias, np_rng):
+    """`interpolate_pos_encoding` of facebookresearch/dinov2: scale factor (h0 + offset) / M
+    without registers, output size with antialias for the register models; 16x16 -> 8x12."""
+    table = np_rng.normal(size=(256, WIDTH)).astype(np.float32)
+    grid = torch.from_numpy(table).reshape(1, 16, 16, WIDTH).permute(0, 3, 1, 2)
+    kwargs = (dict(scale_factor=((8 + offset) / 16, (12 + offset) / 16)) if offset
+              else dict(size=(8, 12)))
+    expected = F.interpolate(grid, mode="bicubic", antialias=antialias, **kwargs)
+    expected = expected.permute(0, 2, 3, 1).reshape(96, WIDTH).numpy()
+    ours = interpolate_pos_embed(jnp.asarray(table), (16, 16), (8, 12), offset=offset,
+                                 antialias=antialias)
+    assert relative_error(ours, expected) <= 1e-5
+
+
 def test_additive_hook_matches_torch_forward_hooks():
     """hook(i, patches) = (patches + delta_i, mean(patches)) against the same edit made by
     torch forward hooks on HF's layers; prefix tokens must pass unchanged."""
@@ -222,3 +240,20 @@ def test_presets_and_input_checks():
         model(jnp.zeros((1, 16, 16, 4)))
     with pytest.raises(ValueError, match="ffn='gelu'"):
         nnx.eval_shape(lambda: VisionTransformer(ViTConfig(ffn="gelu"), rngs=nnx.Rngs(0)))
+
+
+def test_gradient_reaches_the_hook_through_scanned_remat_blocks():
+    """d sum(last patch tokens) / d delta: exactly the batch size (2) for the delta added after
+    the last block (the hook is applied last, once per image), and non-zero through the blocks
+    for the earlier ones."""
+    config = dataclasses.replace(dinov3_config(), remat=True)
+    model = ours_from(dinov3_hf(), config, "hf_dinov3")
+    images = jnp.asarray(images_of(32, 48, seed=9))
+
+    def loss(deltas):
+        out = model(images, hook=lambda i, patches: (patches + deltas[i], None))
+        return out.layers[-1].sum()
+
+    grads = jax.jit(jax.grad(loss))(jnp.zeros((DEPTH, 96, WIDTH)))
+    np.testing.assert_array_equal(np.asarray(grads[-1]), np.full((96, WIDTH), 2.0))
+    assert np.all(np.isfinite(grads[0])) and np.abs(grads[0]).max() > 0

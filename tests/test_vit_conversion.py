@@ -15,7 +15,8 @@ from flax import nnx
 from spectralmoe_jax.conversion import resize
 from spectralmoe_jax.conversion.rules import ConversionError, flatten_state
 from spectralmoe_jax.conversion.vit import (
-    convert_state_dict, detect_scheme, load_vit, restore_params, save_params)
+    convert_state_dict, detect_scheme, load_vit, main, restore_params, save_params)
+from spectralmoe_jax.models import vit as vit_lib
 from spectralmoe_jax.models.vit import VisionTransformer, ViTConfig
 from tests.conftest import relative_error
 from tests.test_dofa_embedding import TorchDynamicMLPOFA
@@ -141,6 +142,7 @@ def test_dinov2_original_and_hub_names_match_hf_route(registers, swiglu, chunked
 def test_dinov3_original_names_match_hf_route(swiglu, np_rng):
     hf_state = numpy_state(dinov3_hf(swiglu))
     config = dinov3_config(swiglu)
+    assert detect_scheme(hf_state) == "hf_dinov3"
     expected = convert_state_dict(hf_state, config, "hf_dinov3")
     original = original_dinov3(hf_state, np_rng)
     assert detect_scheme(original) == "dinov3"
@@ -162,6 +164,7 @@ def test_promptda_ckpt_file_matches_hf_backbone(tmp_path):
     hf_model = promptda_hf()
     hf_state = numpy_state(hf_model)
     config = dinov2_config(image_size=56, patch=14)
+    assert detect_scheme(hf_state) == "promptda_hf"
     expected = convert_state_dict(hf_state, config, "promptda_hf")
     backbone = {k.removeprefix("backbone."): v for k, v in hf_state.items()
                 if k.startswith("backbone.")}
@@ -199,6 +202,9 @@ def test_missing_unexpected_and_misshaped_keys_are_named():
     with pytest.raises(ConversionError, match=r"pos_embed: checkpoint \(10, 32\) vs model "
                                               r"\(17, 32\)"):
         load_vit(wrong, config)
+    with pytest.raises(ConversionError, match="holds a dinov2 ViT, but the config is of family "
+                                              "'dinov3'"):
+        load_vit(hf_state, dinov3_config())
 
 
 # --- the released converters' options against their PyTorch code ------------------------------
@@ -279,6 +285,20 @@ def test_orbax_round_trip(tmp_path):
     with pytest.raises(ConversionError, match=r"blocks/attn/qkv/kernel: checkpoint \(2, 32, 96\) "
                                               r"vs model \(1, 32, 96\)"):
         restore_params(other, tmp_path / "vit")
+
+
+def test_command_line_writes_orbax_from_pth(tmp_path, monkeypatch, np_rng):
+    hf_state = numpy_state(dinov3_hf())
+    config = dinov3_config()
+    monkeypatch.setitem(vit_lib.PRESETS, "tiny_dinov3",
+                        {f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    path = tmp_path / "dinov3_tiny.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in original_dinov3(hf_state, np_rng).items()},
+               path)
+    main([str(path), str(tmp_path / "orbax"), "--preset", "tiny_dinov3"])
+    restored = load_vit(str(tmp_path / "orbax"), config)
+    assert_same_params(flatten_state(nnx.state(restored, nnx.Param)),
+                       convert_state_dict(hf_state, config, "hf_dinov3"))
 
 
 # --- DOFA: the whole ViT against a PyTorch reference written from DOFA's code --------------------

@@ -28,17 +28,24 @@ from spectralmoe_jax.conversion.rules import (
 
 
 def _linear(source: str, target: str) -> list[Rule]:
-    return [Rule(source + r"\.weight", target + "/kernel", linear_kernel),
-            Rule(source + r"\.bias", target + "/bias")]
+    return [
+        Rule(source + r"\.weight", target + "/kernel", linear_kernel),
+        Rule(source + r"\.bias", target + "/bias"),
+    ]
 
 
 def _conv(source: str, target: str) -> list[Rule]:
-    return [Rule(source + r"\.weight", target + "/kernel", conv_kernel),
-            Rule(source + r"\.bias", target + "/bias")]
+    return [
+        Rule(source + r"\.weight", target + "/kernel", conv_kernel),
+        Rule(source + r"\.bias", target + "/bias"),
+    ]
 
 
 def _norm(source: str, target: str) -> list[Rule]:
-    return [Rule(source + r"\.weight", target + "/scale"), Rule(source + r"\.bias", target + "/bias")]
+    return [
+        Rule(source + r"\.weight", target + "/scale"),
+        Rule(source + r"\.bias", target + "/bias"),
+    ]
 
 
 _ENC = r"pixel_decoder/encoder_layers/\1"
@@ -59,11 +66,16 @@ HF_RULES = [
     *_linear(_PD + r"encoder\.layers\.(\d+)\.(fc1|fc2)", _ENC + r"/ffn/\2"),
     *_norm(_PD + r"encoder\.layers\.(\d+)\.final_layer_norm", _ENC + "/ffn_norm"),
     # adapter_{i+1} / layer_{i+1} belong to input level i; HF numbers them from 1.
-    *[rule for i in range(3) for rule in (
-        _conv(_PD + rf"adapter_{i + 1}\.0", f"pixel_decoder/lateral_convs/{i}/conv")
-        + _norm(_PD + rf"adapter_{i + 1}\.1", f"pixel_decoder/lateral_convs/{i}/norm")
-        + _conv(_PD + rf"layer_{i + 1}\.0", f"pixel_decoder/output_convs/{i}/conv")
-        + _norm(_PD + rf"layer_{i + 1}\.1", f"pixel_decoder/output_convs/{i}/norm"))],
+    *[
+        rule
+        for i in range(3)
+        for rule in (
+            _conv(_PD + rf"adapter_{i + 1}\.0", f"pixel_decoder/lateral_convs/{i}/conv")
+            + _norm(_PD + rf"adapter_{i + 1}\.1", f"pixel_decoder/lateral_convs/{i}/norm")
+            + _conv(_PD + rf"layer_{i + 1}\.0", f"pixel_decoder/output_convs/{i}/conv")
+            + _norm(_PD + rf"layer_{i + 1}\.1", f"pixel_decoder/output_convs/{i}/norm")
+        )
+    ],
     *_conv(_PD + r"mask_projection", "pixel_decoder/mask_proj"),
     Rule(_TM + r"queries_embedder\.weight", "transformer_decoder/query_pos"),
     Rule(_TM + r"queries_features\.weight", "transformer_decoder/query_feat"),
@@ -74,7 +86,9 @@ HF_RULES = [
     *_linear(_TM + r"decoder\.layers\.(\d+)\.(fc1|fc2)", _DEC + r"/ffn/\2"),
     *_norm(_TM + r"decoder\.layers\.(\d+)\.final_layer_norm", _DEC + "/ffn_norm"),
     *_norm(_TM + r"decoder\.layernorm", "transformer_decoder/norm"),
-    *_linear(_TM + r"decoder\.mask_predictor\.mask_embedder\.(\d)\.0", r"transformer_decoder/mask_mlp/\1"),
+    *_linear(
+        _TM + r"decoder\.mask_predictor\.mask_embedder\.(\d)\.0", r"transformer_decoder/mask_mlp/\1"
+    ),
     *_linear(r"class_predictor", "transformer_decoder/class_head"),
 ]
 
@@ -123,7 +137,9 @@ def split_in_proj(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
             if key.endswith(fused):
                 value = np.asarray(value)
                 if value.shape[0] % 3:
-                    raise ConversionError(f"{key}: shape {value.shape} is not 3 stacked projections")
+                    raise ConversionError(
+                        f"{key}: shape {value.shape} is not 3 stacked projections"
+                    )
                 base = key[: -len(fused)]
                 for name, part in zip(("q", "k", "v"), np.split(value, 3, axis=0)):
                     out[f"{base}.{name}_proj.{kind}"] = part
@@ -137,11 +153,15 @@ def convert_hf(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """HF `Mask2FormerForUniversalSegmentation` state dict -> {head parameter path: array}."""
     selected = {k: v for k, v in state_dict.items() if k.startswith(HF_PREFIXES)}
     if not selected:
-        raise ConversionError(f"no HF Mask2Former decoder keys (prefixes {HF_PREFIXES}) in the checkpoint")
+        raise ConversionError(
+            f"no HF Mask2Former decoder keys (prefixes {HF_PREFIXES}) in the checkpoint"
+        )
     return apply_rules(split_in_proj(selected), HF_RULES)
 
 
-def convert_mmseg(state_dict: Mapping[str, np.ndarray], prefix: str = "decode_head.") -> dict[str, np.ndarray]:
+def convert_mmseg(
+    state_dict: Mapping[str, np.ndarray], prefix: str = "decode_head."
+) -> dict[str, np.ndarray]:
     """mmdet / MMSegmentation `Mask2FormerHead` state dict (keys under `prefix`) -> parameters."""
     selected = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not selected:
@@ -158,7 +178,8 @@ def detect_naming(state_dict: Mapping[str, np.ndarray]) -> str:
         return "mmseg"
     raise ConversionError(
         "checkpoint has neither HF Mask2Former keys (model.pixel_level_module.decoder.*, "
-        "model.transformer_module.*) nor mmseg keys (decode_head.*)")
+        "model.transformer_module.*) nor mmseg keys (decode_head.*)"
+    )
 
 
 def load_head(head, state_dict: Mapping[str, np.ndarray], naming: str = "auto") -> None:

@@ -7,9 +7,10 @@ Naming schemes (`scheme=`; 'auto' tells them apart by their keys):
 - 'dinov3'      facebookresearch/dinov3 `.pth`: `storage_tokens`, `rope_embed.periods` (checked
                 against the config, then dropped), `attn.qkv.bias_mask` (multiplied into the bias,
                 as `LinearKMaskedBias` does), `mlp.w1/w2/w3`.
-- 'hf_dinov2'   HF `Dinov2Model` / `Dinov2WithRegistersModel`: hub files (`attention.attention.query`,
-                `mlp.weights_in`) and the in-memory names of transformers 5 (`attention.q_proj`,
-                `mlp.gate_proj`); q, k, v are concatenated into our fused qkv.
+- 'hf_dinov2'   HF `Dinov2Model` / `Dinov2WithRegistersModel`: hub files
+                (`attention.attention.query`, `mlp.weights_in`) and the in-memory names of
+                transformers 5 (`attention.q_proj`, `mlp.gate_proj`); q, k, v are concatenated
+                into our fused qkv.
 - 'hf_dinov3'   HF `DINOv3ViTModel` (`layer.N.` on the hub, `model.layer.N.` in memory); its missing
                 key bias is the zero that `mask_k_bias` implies.
 - 'promptda'    PromptDA `.ckpt`: the DINOv2 encoder under `pipeline.pretrained.`; the DPT head is
@@ -58,6 +59,8 @@ from spectralmoe_jax.models.rope import rope_periods
 from spectralmoe_jax.models.vit import VisionTransformer, ViTConfig
 
 SCHEMES = ("dinov2", "dinov3", "hf_dinov2", "hf_dinov3", "promptda", "promptda_hf", "dofa")
+_FAMILY = {"dinov2": "dinov2", "hf_dinov2": "dinov2", "promptda": "dinov2",
+           "promptda_hf": "dinov2", "dinov3": "dinov3", "hf_dinov3": "dinov3", "dofa": "dofa"}
 
 # Prefix (regex) stripped from every key before the table; keys outside it are unexpected.
 _PREFIX = {"promptda": r"(?:pipeline\.)?pretrained\.", "promptda_hf": r"backbone\."}
@@ -275,12 +278,12 @@ def detect_scheme(keys) -> str:
 
 def _adapt(params: dict, config: ViTConfig, *, resize_patch: bool, resize_pos: bool,
            stem: str | None) -> dict:
+    stems = {None: None, "cyclic": resize.adapt_stem_cyclic, "timm": resize.adapt_stem_timm}
+    if stem not in stems:
+        raise ValueError(f"stem={stem!r}; expected None, 'cyclic' or 'timm'")
     kernel = params.get("patch_embed/kernel")
     if kernel is not None and stem is not None and kernel.shape[2] != config.in_channels:
-        adapt = {"cyclic": resize.adapt_stem_cyclic, "timm": resize.adapt_stem_timm}.get(stem)
-        if adapt is None:
-            raise ValueError(f"stem={stem!r}; expected None, 'cyclic' or 'timm'")
-        kernel = adapt(kernel, config.in_channels)
+        kernel = stems[stem](kernel, config.in_channels)
     if kernel is not None and resize_patch and kernel.shape[0] != config.patch_size:
         kernel = resize.resize_patch_kernel(kernel, config.patch_size)
     if kernel is not None:
@@ -311,6 +314,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ViTConfig,
         scheme = detect_scheme(state)
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; expected 'auto' or one of {SCHEMES}")
+    if _FAMILY[scheme] != config.family:
+        raise ConversionError(f"a {scheme!r} checkpoint holds a {_FAMILY[scheme]} ViT, but the "
+                              f"config is of family {config.family!r}")
     state = _prepare(state, scheme, config)
     ignored = _IGNORED[scheme]
     if scheme == "dofa" and config.position != "learned":
@@ -326,7 +332,7 @@ def save_params(module: nnx.Module, directory: str | os.PathLike) -> None:
     """Writes the module's parameters as an Orbax checkpoint (overwriting `directory`)."""
     import orbax.checkpoint as ocp
 
-    pure = nnx.state(module, nnx.Param).to_pure_dict()
+    pure = nnx.to_pure_dict(nnx.state(module, nnx.Param))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.abspath(directory), pure, force=True)
 

@@ -13,6 +13,7 @@ All functions here are traceable: jit them with the geometry static, e.g.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import einops
@@ -76,17 +77,16 @@ def whole_inference(predict_fn: PredictFn, images: jax.Array, *, patch_multiple:
     """Scores [B, H, W, K] of whole images: padded to `patch_multiple`, cropped back.
 
     flip=True averages with the horizontally flipped image's scores, flipped back:
-    (f(x) + flip(f(flip(x)))) / 2, each f padding its own input.
+    (f(x) + flip(f(flip(x)))) / 2, each f padding its own input; both go in one call of 2B.
     """
     b, h, w, _ = images.shape
 
     def predict(x):
-        scores = predict_fn(pad_to_multiple(x, patch_multiple, pad_mode))
-        if scores.ndim != 4 or scores.shape[0] != x.shape[0] or scores.shape[1:3] != (
-                -h % patch_multiple + h, -w % patch_multiple + w):
+        padded = pad_to_multiple(x, patch_multiple, pad_mode)
+        scores = predict_fn(padded)
+        if scores.ndim != 4 or scores.shape[:3] != padded.shape[:3]:
             raise ValueError(f"predict_fn must return scores [B, h, w, K] at its input's "
-                             f"resolution; input {x.shape} padded to multiples of "
-                             f"{patch_multiple}, got {scores.shape}")
+                             f"resolution: input {padded.shape}, scores {scores.shape}")
         return scores[:, :h, :w]
 
     if not flip:
@@ -132,3 +132,19 @@ def slide_inference(predict_fn: PredictFn, images: jax.Array, *, window=512, str
         out = out.at[:, y:y + win_h, x:x + win_w].add(scores[i] * weights[:, :, None])
         total[y:y + win_h, x:x + win_w] += weights
     return out / total[:, :, None]
+
+
+def make_infer_fn(predict_fn: PredictFn, *, mode: str = "whole", window=512, stride=341,
+                  blend: str = "mean", batch_size: int = 4, patch_multiple: int = 1,
+                  flip: bool = False) -> PredictFn:
+    """The jitted `images -> scores` of `config.eval`: mode 'whole' or 'slide'."""
+    if mode == "whole":
+        fn = functools.partial(whole_inference, predict_fn, patch_multiple=patch_multiple,
+                               flip=flip)
+    elif mode == "slide":
+        fn = functools.partial(slide_inference, predict_fn, window=window, stride=stride,
+                               blend=blend, batch_size=batch_size,
+                               patch_multiple=patch_multiple, flip=flip)
+    else:
+        raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
+    return jax.jit(fn)

@@ -87,6 +87,9 @@ class Segmentor(nnx.Module):
         head_fields = dict(model_config.decoder)
         head_fields.setdefault("in_channels", (self.vfm.config.width,) * 4)
         head_fields.setdefault("dtype", jnp.dtype(dtype))
+        if self.adapter is not None and self.adapter.config.link_token_to_query:
+            # Released heads drop their learned query positions and take the adapter's.
+            head_fields.setdefault("learn_query_position", False)
         self.head = Mask2FormerHead(
             dataclass_from_config(Mask2FormerConfig, head_fields, "model.decoder"), rngs=rngs)
 

@@ -33,7 +33,7 @@ Hook = Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-    family: str = "dinov2"  # 'dinov2' | 'dinov3' | 'dofa': the patch embedding and checkpoint scheme
+    family: str = "dinov2"  # 'dinov2' | 'dinov3' | 'dofa' (wavelength-conditioned patch embedding)
     patch_size: int = 14
     in_channels: int = 3
     width: int = 1024
@@ -56,7 +56,7 @@ class ViTConfig:
     mask_k_bias: bool = False  # DINOv3: the key part of the qkv bias is multiplied by 0
     final_norm: bool = True
     dofa_wv_planes: int = 128
-    attention: str | None = None  # None/'xla' | 'cudnn' | 'auto', see attention.py
+    attention: str | None = "auto"  # 'auto' (cuDNN for bf16 on GPU, else XLA), 'xla', 'cudnn'
     dtype: str = "float32"  # compute dtype
     remat: bool = False  # recompute each block in the backward pass
 
@@ -69,6 +69,7 @@ _DINOV3 = dict(family="dinov3", patch_size=16, position="rope", num_register_tok
 _S = dict(width=384, depth=12, num_heads=6, mlp_dim=1536)
 _B = dict(width=768, depth=12, num_heads=12, mlp_dim=3072)
 _L = dict(width=1024, depth=24, num_heads=16, mlp_dim=4096)
+# SwiGLU's mlp_dim is the originals' aligned hidden size, int(ffn_ratio * width * 2 / 3).
 _G = dict(width=1536, depth=40, num_heads=24, mlp_dim=4096, ffn="swiglu")
 
 PRESETS: dict[str, dict] = {
@@ -81,10 +82,10 @@ PRESETS: dict[str, dict] = {
     "dinov2_vitl14_reg": dict(_DINOV2_REG, **_L),
     "dinov2_vitg14_reg": dict(_DINOV2_REG, **_G),
     "dinov3_vits16": dict(_DINOV3, **_S),
-    "dinov3_vits16plus": dict(_DINOV3, **_S, ffn="swiglu") | dict(mlp_dim=1536),
+    "dinov3_vits16plus": dict(_DINOV3, **_S, ffn="swiglu"),  # ffn_ratio 6
     "dinov3_vitb16": dict(_DINOV3, **_B),
     "dinov3_vitl16": dict(_DINOV3, **_L),
-    "dinov3_vitl16plus": dict(_DINOV3, **_L) | dict(ffn="swiglu", mlp_dim=4096),
+    "dinov3_vitl16plus": dict(_DINOV3, **_L, ffn="swiglu"),  # ffn_ratio 6
     "dinov3_vith16plus": dict(_DINOV3, width=1280, depth=32, num_heads=20, mlp_dim=5120,
                               ffn="swiglu"),
     "dinov3_vit7b16": dict(_DINOV3, width=4096, depth=40, num_heads=32, mlp_dim=8192,
@@ -240,7 +241,8 @@ def _check(config: ViTConfig) -> None:
                    position=("learned", "rope", "sincos"))
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
-            raise ValueError(f"ViTConfig.{name}={getattr(config, name)!r}; expected one of {allowed}")
+            raise ValueError(
+                f"ViTConfig.{name}={getattr(config, name)!r}; expected one of {allowed}")
     if config.width % config.num_heads:
         raise ValueError(f"width {config.width} is not divisible by num_heads {config.num_heads}")
 
@@ -317,7 +319,8 @@ class VisionTransformer(nnx.Module):
         elif cfg.position == "sincos":  # the cls row of the fixed table is zero
             x = x + sincos_2d((h, w), cfg.width)
         prefix = [cls] if self.register_tokens is None else [cls, self.register_tokens[...]]
-        prefix = jnp.broadcast_to(jnp.concatenate(prefix)[None], (batch, self.num_prefix, cfg.width))
+        prefix = jnp.broadcast_to(jnp.concatenate(prefix)[None],
+                                  (batch, self.num_prefix, cfg.width))
         return jnp.concatenate([prefix, x], axis=1), (h, w)
 
     def __call__(self, images, hook: Hook | None = None, wavelengths=None) -> ViTOutput:

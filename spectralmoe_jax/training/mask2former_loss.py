@@ -10,6 +10,10 @@ supervision) and every image, vmapped:
      `importance_sample_ratio` most uncertain (smallest |logit|) of `oversample_ratio * num_points`
      uniform points, plus uniform ones; sigmoid BCE (mean over points) and dice (eps 1) there,
      summed over pairs and divided by the number of target masks in the batch (at least 1).
+The batch here is the global batch. mmdet divides each GPU's sums by the mean over GPUs of the
+mask count and DDP averages the gradients, i.e. divides by the global count, as here; its class
+CE is a weighted mean per GPU, averaged over GPUs, where here it is one weighted mean over the
+global batch (equal when the GPUs' no-object shares are equal).
 Targets are one per class (`semantic_to_targets`), padded to all K classes with a `valid` flag,
 so every shape is static and the step stays one XLA program.
 """
@@ -26,7 +30,8 @@ from spectralmoe_jax.training.point_sampling import point_sample
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Weights and point sampling of the released config (SPEC 1.3); matching uses the same weights."""
+    """Weights and point sampling of the released config (SPEC 1.3); the matcher uses the same
+    weights."""
     class_weight: float = 2.0
     mask_weight: float = 5.0
     dice_weight: float = 5.0
@@ -159,7 +164,8 @@ def mask2former_loss(outputs: dict, targets: dict, rng: jax.Array | None,
       (HF's names) and `num_masks`, the normaliser of the mask terms.
     """
     class_logits, mask_logits = outputs["class_logits"], outputs["mask_logits"]
-    if class_logits.ndim != 4 or mask_logits.ndim != 5 or class_logits.shape[:3] != mask_logits.shape[:3]:
+    if (class_logits.ndim != 4 or mask_logits.ndim != 5
+            or class_logits.shape[:3] != mask_logits.shape[:3]):
         raise ValueError("mask2former_loss: expected class_logits [L+1, B, Q, K+1] and mask_logits "
                          f"[L+1, B, Q, h, w], got {class_logits.shape} and {mask_logits.shape}")
     num_layers, batch_size, num_queries = class_logits.shape[:3]
@@ -174,6 +180,8 @@ def mask2former_loss(outputs: dict, targets: dict, rng: jax.Array | None,
     if num_targets > num_queries:
         raise ValueError(f"mask2former_loss: {num_targets} targets > {num_queries} queries")
     if draws is None:
+        if rng is None:
+            raise ValueError("mask2former_loss: pass rng (or the draws themselves)")
         draws = sample_point_draws(rng, num_layers, batch_size, num_targets, config)
 
     per_image = jax.vmap(lambda c, m, t, d: _image_terms(c, m, t, d, config))

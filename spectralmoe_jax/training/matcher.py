@@ -57,7 +57,7 @@ def hungarian_matching(cost: jax.Array, valid: jax.Array) -> tuple[jax.Array, ja
         owner = owner.at[free_column].set(row)
 
         def search_step(carry):
-            column, used, min_slack, way, u, v = carry
+            steps, column, used, min_slack, way, u, v = carry
             used = used.at[column].set(True)
             r = owner[column]
             slack = cost[r] - u[r] - v
@@ -72,15 +72,18 @@ def hungarian_matching(cost: jax.Array, valid: jax.Array) -> tuple[jax.Array, ja
             u = u.at[owner].add(jnp.where(used, delta, 0.0))
             v = v - jnp.where(used[:num_queries], delta, 0.0)
             min_slack = jnp.where(unused, min_slack - delta, min_slack)
-            return next_column, used, min_slack, way, u, v
+            return steps + 1, next_column, used, min_slack, way, u, v
 
-        carry = (jnp.int32(free_column), jnp.zeros(num_queries + 1, bool),
+        def searching(carry):
+            # Until the newest tree column is unassigned: one step per matched target at most
+            # (the step bound only guards against a hang, should the duals ever overflow).
+            steps, column = carry[:2]
+            return (owner[column] != num_targets) & (steps <= num_targets)
+
+        carry = (jnp.int32(0), jnp.int32(free_column), jnp.zeros(num_queries + 1, bool),
                  jnp.full(num_queries, jnp.inf, jnp.float32),
                  jnp.full(num_queries, free_column, jnp.int32), u, v)
-        # Search until the newest tree column is unassigned (the first step always runs).
-        carry = lax.while_loop(lambda c: owner[c[0]] != num_targets, search_step,
-                               search_step(carry))
-        column, _, _, way, u, v = carry
+        _, column, _, _, way, u, v = lax.while_loop(searching, search_step, search_step(carry))
 
         def flip(c):
             column, owner = c

@@ -105,8 +105,9 @@ class Training:
         self.checkpointer.save(int(self.state.step), self.state, self.iterator.get_state(),
                                metrics=metrics)
 
-    def run(self, evaluate_fn=None) -> dict:
-        """Trains to `train.num_steps`; returns the last logged metrics."""
+    def run(self, evaluate_fn=None, stop_after: int | None = None) -> dict:
+        """Trains to `train.num_steps` (or `stop_after` steps, as if killed there, after its
+        checkpoint); returns the last logged metrics."""
         tc = self.config.train
         start = int(self.state.step)
         log_every = tc.get("log_every", 50)
@@ -116,7 +117,8 @@ class Training:
         bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step",
                    disable=jax.process_index() != 0, dynamic_ncols=True)
         pending = None  # metrics of the previous step, fetched one step late so the device never waits
-        for step in range(start, self.total_steps):
+        end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
+        for step in range(start, end):
             metrics = self.step()
             if pending is not None:
                 history.append(self._check(*pending))

@@ -1,4 +1,4 @@
-"""Mask2Former decoder: deformable-attention pixel decoder and masked-attention transformer decoder."""
+"""Mask2Former decoder: deformable-attention pixel decoder, masked-attention transformer decoder."""
 
 from spectralmoe_jax.models.mask2former.config import Mask2FormerConfig
 from spectralmoe_jax.models.mask2former.head import Mask2FormerHead, semantic_inference

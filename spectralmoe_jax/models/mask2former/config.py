@@ -33,6 +33,8 @@ class Mask2FormerConfig:
     # REIN / released option `replace_query_feat`: query features = Linear(query position
     # embedding) instead of a learned table.
     replace_query_feat: bool = False
+    # Decoder attention kernel, `models.attention`: None / "xla", "cudnn" or "auto".
+    attention_implementation: str | None = None
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     def __post_init__(self):

@@ -27,7 +27,9 @@ class Mask2FormerHead(nnx.Module):
 
     def __call__(self, features: Sequence[jax.Array], query_embedding=None):
         mask_features, multi_scale = self.pixel_decoder(features)
-        class_logits, mask_logits = self.transformer_decoder(multi_scale, mask_features, query_embedding)
+        class_logits, mask_logits = self.transformer_decoder(
+            multi_scale, mask_features, query_embedding
+        )
         return {"class_logits": class_logits, "mask_logits": mask_logits}
 
 

@@ -28,4 +28,3 @@ def torch_bias(fan_in: int):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
-

@@ -6,7 +6,7 @@ HF's `multi_scale_deformable_attention` (and by mmcv's CUDA kernel): a location 
 sits at pixel coordinate (x W - 0.5, y H - 0.5) and neighbours outside the map contribute zero.
 """
 
-from collections.abc import Sequence
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,7 @@ from flax import nnx
 
 from spectralmoe_jax.models.mask2former import initializers
 
-Shapes = Sequence[tuple[int, int]]
+Shapes = tuple[tuple[int, int], ...]  # (h, w) per level; a tuple: static and hashable
 
 
 def _bilinear_taps(locations, attention_weights, spatial_shapes: Shapes):
@@ -43,8 +43,13 @@ def _bilinear_taps(locations, attention_weights, spatial_shapes: Shapes):
     return jnp.concatenate(indices, axis=-1), jnp.concatenate(weights, axis=-1)
 
 
+# Rematerialised: the backward pass recomputes the taps and the gather instead of keeping the
+# [B, M, Nq, K, Dh] samples (K = 4 taps x levels x points = 48) of every encoder layer alive.
+@functools.partial(jax.checkpoint, static_argnums=(1,))
 def deformable_sample(value, spatial_shapes: Shapes, sampling_locations, attention_weights):
-    """Attention-weighted bilinear samples of multi-level values (HF `multi_scale_deformable_attention`).
+    """Attention-weighted bilinear samples of multi-level values.
+
+    The computation of HF `multi_scale_deformable_attention` (and mmcv's kernel).
 
     value: [B, S, M, Dh], the levels' tokens concatenated (row-major per level), M heads.
     sampling_locations: [B, Nq, M, L, P, 2], (x, y) normalised to [0, 1] per level; any value is
@@ -54,17 +59,20 @@ def deformable_sample(value, spatial_shapes: Shapes, sampling_locations, attenti
     """
     batch, num_tokens, heads, head_dim = value.shape
     if sum(h * w for h, w in spatial_shapes) != num_tokens:
-        raise ValueError(f"spatial_shapes {tuple(spatial_shapes)} do not add up to {num_tokens} tokens")
+        raise ValueError(
+            f"spatial_shapes {tuple(spatial_shapes)} do not add up to {num_tokens} tokens"
+        )
     num_queries = sampling_locations.shape[1]
     indices, weights = _bilinear_taps(
-        sampling_locations.astype(jnp.float32), attention_weights.astype(jnp.float32), spatial_shapes
+        sampling_locations.astype(jnp.float32),
+        attention_weights.astype(jnp.float32),
+        spatial_shapes,
     )
     # Heads first, so each (batch, head) gathers rows of its own [S, Dh] table.
-    indices = jnp.moveaxis(indices, 2, 1).reshape(batch, heads, -1)  # [B, M, Nq * K]
+    indices = jnp.moveaxis(indices, 2, 1)  # [B, M, Nq, K]
     weights = jnp.moveaxis(weights, 2, 1).astype(value.dtype)  # [B, M, Nq, K]
     table = jnp.moveaxis(value, 2, 1)  # [B, M, S, Dh]
-    gathered = jax.vmap(jax.vmap(lambda rows, idx: rows[idx]))(table, indices)
-    gathered = gathered.reshape(batch, heads, num_queries, -1, head_dim)
+    gathered = jax.vmap(jax.vmap(lambda rows, idx: rows[idx]))(table, indices)  # [B, M, Nq, K, Dh]
     # Multiply-and-sum (not a dot) so XLA fuses the gather into the reduction.
     out = jnp.sum(gathered * weights[..., None], axis=3)  # [B, M, Nq, Dh]
     return jnp.moveaxis(out, 1, 2).reshape(batch, num_queries, heads * head_dim)
@@ -88,22 +96,48 @@ def _sampling_offsets_bias(num_heads: int, num_levels: int, num_points: int):
 class MultiScaleDeformableAttention(nnx.Module):
     """mmcv `MultiScaleDeformableAttention` / HF `...MultiscaleDeformableAttention`, no residual."""
 
-    def __init__(self, dim: int, num_heads: int, num_levels: int, num_points: int, *,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_levels: int,
+        num_points: int,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.num_levels, self.num_points = num_heads, num_levels, num_points
         num_samples = num_heads * num_levels * num_points
         zeros = nnx.initializers.zeros
         self.sampling_offsets = nnx.Linear(
-            dim, num_samples * 2, kernel_init=zeros,
-            bias_init=_sampling_offsets_bias(num_heads, num_levels, num_points), dtype=dtype, rngs=rngs)
+            dim,
+            num_samples * 2,
+            kernel_init=zeros,
+            bias_init=_sampling_offsets_bias(num_heads, num_levels, num_points),
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.attention_weights = nnx.Linear(
-            dim, num_samples, kernel_init=zeros, bias_init=zeros, dtype=dtype, rngs=rngs)
+            dim, num_samples, kernel_init=zeros, bias_init=zeros, dtype=dtype, rngs=rngs
+        )
         self.value_proj = nnx.Linear(
-            dim, dim, kernel_init=initializers.xavier_uniform, bias_init=zeros, dtype=dtype, rngs=rngs)
+            dim,
+            dim,
+            kernel_init=initializers.xavier_uniform,
+            bias_init=zeros,
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.output_proj = nnx.Linear(
-            dim, dim, kernel_init=initializers.xavier_uniform, bias_init=zeros, dtype=dtype, rngs=rngs)
+            dim,
+            dim,
+            kernel_init=initializers.xavier_uniform,
+            bias_init=zeros,
+            dtype=dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, query, value, reference_points, spatial_shapes: Shapes):
         """query [B, Nq, D] (position already added), value [B, S, D],
@@ -111,14 +145,18 @@ class MultiScaleDeformableAttention(nnx.Module):
         batch, num_queries, _ = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         if len(spatial_shapes) != levels:
-            raise ValueError(f"expected {levels} levels, got spatial_shapes {tuple(spatial_shapes)}")
+            raise ValueError(
+                f"expected {levels} levels, got spatial_shapes {tuple(spatial_shapes)}"
+            )
         value = self.value_proj(value)
         value = value.reshape(*value.shape[:2], heads, -1)
         # Locations and weights in float32: offsets are in pixels of maps up to 128 wide.
         offsets = self.sampling_offsets(query).astype(jnp.float32)
         offsets = offsets.reshape(batch, num_queries, heads, levels, points, 2)
         weights = self.attention_weights(query).astype(jnp.float32)
-        weights = jax.nn.softmax(weights.reshape(batch, num_queries, heads, levels * points), axis=-1)
+        weights = jax.nn.softmax(
+            weights.reshape(batch, num_queries, heads, levels * points), axis=-1
+        )
         weights = weights.reshape(batch, num_queries, heads, levels, points)
         normalizer = jnp.asarray([(w, h) for h, w in spatial_shapes], jnp.float32)  # [L, 2] (x, y)
         locations = (

@@ -7,13 +7,14 @@ and the finest map gives the mask features. Level order: index 0 is the coarsest
 encoder, its projections and level embeddings, and in the returned multi-scale features.
 """
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spectralmoe_jax.models.mask2former import initializers
+from spectralmoe_jax.models.mask2former.initializers import caffe2_xavier, embedding, xavier_uniform
 from spectralmoe_jax.models.mask2former.config import Mask2FormerConfig
 from spectralmoe_jax.models.mask2former.layers import FFN, ConvNorm, layer_norm, resize_bilinear
 from spectralmoe_jax.models.mask2former.ms_deform_attn import MultiScaleDeformableAttention
@@ -39,7 +40,13 @@ class DeformableEncoderLayer(nnx.Module):
     def __init__(self, config: Mask2FormerConfig, *, rngs: nnx.Rngs):
         c, dt = config, config.dtype
         self.attn = MultiScaleDeformableAttention(
-            c.hidden_dim, c.encoder_heads, c.num_feature_levels, c.encoder_points, dtype=dt, rngs=rngs)
+            c.hidden_dim,
+            c.encoder_heads,
+            c.num_feature_levels,
+            c.encoder_points,
+            dtype=dt,
+            rngs=rngs,
+        )
         self.attn_norm = layer_norm(c.hidden_dim, dtype=dt, rngs=rngs)
         self.ffn = FFN(c.hidden_dim, c.encoder_ffn_dim, dtype=dt, rngs=rngs)
         self.ffn_norm = layer_norm(c.hidden_dim, dtype=dt, rngs=rngs)
@@ -57,28 +64,39 @@ class PixelDecoder(nnx.Module):
         c, d, dt = config, config.hidden_dim, config.dtype
         self.config = config
         num_fpn = len(c.in_channels) - c.num_feature_levels
-        coarse_channels = c.in_channels[::-1][: c.num_feature_levels]
-        self.input_projs = nnx.List([
-            ConvNorm(ch, d, 1, use_bias=True, relu=False, num_groups=c.num_groups,
-                     kernel_init=initializers.xavier_uniform, dtype=dt, rngs=rngs)
-            for ch in coarse_channels
-        ])
-        self.level_embed = nnx.Param(initializers.embedding(rngs.params(), (c.num_feature_levels, d)))
+        conv_norm = functools.partial(ConvNorm, num_groups=c.num_groups, dtype=dt, rngs=rngs)
+        self.input_projs = nnx.List(
+            [
+                conv_norm(ch, d, 1, use_bias=True, relu=False, kernel_init=xavier_uniform)
+                for ch in c.in_channels[::-1][: c.num_feature_levels]
+            ]
+        )
+        self.level_embed = nnx.Param(embedding(rngs.params(), (c.num_feature_levels, d)))
         self.encoder_layers = nnx.List(
-            [DeformableEncoderLayer(c, rngs=rngs) for _ in range(c.encoder_layers)])
-        # Indexed like the inputs: lateral_convs[0] takes the stride-4 map.
-        self.lateral_convs = nnx.List([
-            ConvNorm(ch, d, 1, use_bias=False, relu=False, num_groups=c.num_groups,
-                     kernel_init=initializers.caffe2_xavier, dtype=dt, rngs=rngs)
-            for ch in c.in_channels[:num_fpn]
-        ])
-        self.output_convs = nnx.List([
-            ConvNorm(d, d, 3, use_bias=False, relu=True, num_groups=c.num_groups,
-                     kernel_init=initializers.caffe2_xavier, dtype=dt, rngs=rngs)
-            for _ in range(num_fpn)
-        ])
-        self.mask_proj = nnx.Conv(d, d, (1, 1), kernel_init=initializers.caffe2_xavier,
-                                  bias_init=nnx.initializers.zeros, dtype=dt, rngs=rngs)
+            [DeformableEncoderLayer(c, rngs=rngs) for _ in range(c.encoder_layers)]
+        )
+        # Indexed like the inputs: lateral_convs[0] and output_convs[0] take the stride-4 map.
+        self.lateral_convs = nnx.List(
+            [
+                conv_norm(ch, d, 1, use_bias=False, relu=False, kernel_init=caffe2_xavier)
+                for ch in c.in_channels[:num_fpn]
+            ]
+        )
+        self.output_convs = nnx.List(
+            [
+                conv_norm(d, d, 3, use_bias=False, relu=True, kernel_init=caffe2_xavier)
+                for _ in range(num_fpn)
+            ]
+        )
+        self.mask_proj = nnx.Conv(
+            d,
+            d,
+            (1, 1),
+            kernel_init=caffe2_xavier,
+            bias_init=nnx.initializers.zeros,
+            dtype=dt,
+            rngs=rngs,
+        )
 
     def _check(self, features):
         expected = self.config.in_channels
@@ -110,10 +128,12 @@ class PixelDecoder(nnx.Module):
 
         outs, start = [], 0
         for h, w in shapes:
-            outs.append(x[:, start:start + h * w].reshape(batch, h, w, d))
+            outs.append(x[:, start : start + h * w].reshape(batch, h, w, d))
             start += h * w
         y = outs[-1]
         for i in reversed(range(len(self.lateral_convs))):  # FPN: coarse to fine
             lateral = self.lateral_convs[i](features[i])
-            y = self.output_convs[i](lateral + resize_bilinear(y, lateral.shape).astype(lateral.dtype))
+            y = self.output_convs[i](
+                lateral + resize_bilinear(y, lateral.shape).astype(lateral.dtype)
+            )
         return self.mask_proj(y), outs

@@ -1,16 +1,19 @@
 """Masked-attention transformer decoder with per-layer predictions (Mask2Former; mmdet
-`Mask2FormerHead.forward` / `Mask2FormerTransformerDecoderLayer`, HF `Mask2FormerTransformerModule`).
+`Mask2FormerHead.forward` / `Mask2FormerTransformerDecoderLayer`, HF
+`Mask2FormerTransformerModule`).
 
 Layer i attends to level i mod 3 of the pixel decoder's multi-scale features (coarsest first),
 restricted to where the previous prediction, resized to that level, has sigmoid >= 0.5.
 """
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spectralmoe_jax.models.attention import dot_product_attention
 from spectralmoe_jax.models.mask2former import initializers
 from spectralmoe_jax.models.mask2former.config import Mask2FormerConfig
 from spectralmoe_jax.models.mask2former.layers import FFN, layer_norm, linear, resize_bilinear
@@ -20,16 +23,26 @@ from spectralmoe_jax.models.mask2former.position_encoding import sine_position_e
 class MultiHeadAttention(nnx.Module):
     """Scaled dot-product attention with separate q/k/v/out projections (nn.MultiheadAttention)."""
 
-    def __init__(self, dim: int, num_heads: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        implementation: str | None = None,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.num_heads = num_heads
-        zeros = nnx.initializers.zeros
+        self.implementation = implementation
+        projection = functools.partial(
+            linear, dim, dim, bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs
+        )
         # mmdet applies xavier-normal to the fused [3D, D] in_proj: variance 2 / (D + 3D) per part.
         qkv_init = nnx.initializers.variance_scaling(0.5, "fan_avg", "normal")
-        self.q_proj = linear(dim, dim, kernel_init=qkv_init, bias_init=zeros, dtype=dtype, rngs=rngs)
-        self.k_proj = linear(dim, dim, kernel_init=qkv_init, bias_init=zeros, dtype=dtype, rngs=rngs)
-        self.v_proj = linear(dim, dim, kernel_init=qkv_init, bias_init=zeros, dtype=dtype, rngs=rngs)
-        self.out_proj = linear(
-            dim, dim, kernel_init=initializers.xavier_normal, bias_init=zeros, dtype=dtype, rngs=rngs)
+        self.q_proj = projection(kernel_init=qkv_init)
+        self.k_proj = projection(kernel_init=qkv_init)
+        self.v_proj = projection(kernel_init=qkv_init)
+        self.out_proj = projection(kernel_init=initializers.xavier_normal)
 
     def __call__(self, query, key, value, mask=None):
         """query [B, T, D], key/value [B, S, D], mask bool broadcastable to [B, M, T, S] (True
@@ -38,8 +51,13 @@ class MultiHeadAttention(nnx.Module):
         def heads(x):
             return x.reshape(*x.shape[:2], self.num_heads, -1)
 
-        out = jax.nn.dot_product_attention(
-            heads(self.q_proj(query)), heads(self.k_proj(key)), heads(self.v_proj(value)), mask=mask)
+        out = dot_product_attention(
+            heads(self.q_proj(query)),
+            heads(self.k_proj(key)),
+            heads(self.v_proj(value)),
+            mask=mask,
+            implementation=self.implementation,
+        )
         return self.out_proj(out.reshape(*out.shape[:2], -1))
 
 
@@ -48,9 +66,12 @@ class MaskedAttentionDecoderLayer(nnx.Module):
 
     def __init__(self, config: Mask2FormerConfig, *, rngs: nnx.Rngs):
         c, dt = config, config.dtype
-        self.cross_attn = MultiHeadAttention(c.hidden_dim, c.decoder_heads, dtype=dt, rngs=rngs)
+        attention = functools.partial(
+            MultiHeadAttention, implementation=c.attention_implementation, dtype=dt, rngs=rngs
+        )
+        self.cross_attn = attention(c.hidden_dim, c.decoder_heads)
         self.cross_norm = layer_norm(c.hidden_dim, dtype=dt, rngs=rngs)
-        self.self_attn = MultiHeadAttention(c.hidden_dim, c.decoder_heads, dtype=dt, rngs=rngs)
+        self.self_attn = attention(c.hidden_dim, c.decoder_heads)
         self.self_norm = layer_norm(c.hidden_dim, dtype=dt, rngs=rngs)
         self.ffn = FFN(c.hidden_dim, c.decoder_ffn_dim, dtype=dt, rngs=rngs)
         self.ffn_norm = layer_norm(c.hidden_dim, dtype=dt, rngs=rngs)
@@ -87,8 +108,12 @@ class MaskedAttentionDecoder(nnx.Module):
             self.query_feat = nnx.Param(initializers.embedding(rngs.params(), (c.num_queries, d)))
         if c.learn_query_position:
             self.query_pos = nnx.Param(initializers.embedding(rngs.params(), (c.num_queries, d)))
-        self.level_embed = nnx.Param(initializers.embedding(rngs.params(), (c.num_feature_levels, d)))
-        self.layers = nnx.List([MaskedAttentionDecoderLayer(c, rngs=rngs) for _ in range(c.decoder_layers)])
+        self.level_embed = nnx.Param(
+            initializers.embedding(rngs.params(), (c.num_feature_levels, d))
+        )
+        self.layers = nnx.List(
+            [MaskedAttentionDecoderLayer(c, rngs=rngs) for _ in range(c.decoder_layers)]
+        )
         self.norm = layer_norm(d, dtype=dt, rngs=rngs)
         self.class_head = linear(d, c.num_classes + 1, dtype=dt, rngs=rngs)
         self.mask_mlp = nnx.List([linear(d, d, dtype=dt, rngs=rngs) for _ in range(3)])
@@ -97,12 +122,16 @@ class MaskedAttentionDecoder(nnx.Module):
         c = self.config
         if query_embedding is None:
             if not c.learn_query_position:
-                raise ValueError("learn_query_position=False: pass query_embedding [Q, D] or [B, Q, D]")
+                raise ValueError(
+                    "learn_query_position=False: pass query_embedding [Q, D] or [B, Q, D]"
+                )
             query_embedding = self.query_pos[...]
         expected = (c.num_queries, c.hidden_dim)
         if tuple(query_embedding.shape[-2:]) != expected or query_embedding.ndim not in (2, 3):
             raise ValueError(
-                f"query_embedding must be {expected} or (B, *{expected}), got {tuple(query_embedding.shape)}")
+                f"query_embedding must be {expected} or (B, *{expected}), "
+                f"got {tuple(query_embedding.shape)}"
+            )
         return jnp.broadcast_to(query_embedding, (batch, *expected)).astype(c.dtype)
 
     def predict(self, x, mask_features):
@@ -120,13 +149,19 @@ class MaskedAttentionDecoder(nnx.Module):
         class logits [L + 1, B, Q, K + 1], mask logits [L + 1, B, Q, H, W]."""
         c = self.config
         if len(multi_scale) != c.num_feature_levels:
-            raise ValueError(f"expected {c.num_feature_levels} multi-scale maps, got {len(multi_scale)}")
+            raise ValueError(
+                f"expected {c.num_feature_levels} multi-scale maps, got {len(multi_scale)}"
+            )
         batch = mask_features.shape[0]
         sizes = [tuple(f.shape[1:3]) for f in multi_scale]
-        memory = [f.reshape(batch, -1, c.hidden_dim) + self.level_embed[i].astype(f.dtype)
-                  for i, f in enumerate(multi_scale)]
-        memory_pos = [sine_position_encoding(h, w, c.hidden_dim // 2).reshape(1, h * w, -1).astype(c.dtype)
-                      for h, w in sizes]
+        memory = [
+            f.reshape(batch, -1, c.hidden_dim) + self.level_embed[i].astype(f.dtype)
+            for i, f in enumerate(multi_scale)
+        ]
+        memory_pos = [
+            sine_position_encoding(h, w, c.hidden_dim // 2).reshape(1, h * w, -1).astype(c.dtype)
+            for h, w in sizes
+        ]
         query_pos = self._query_position(query_embedding, batch)
         if c.replace_query_feat:
             x = self.query_feat_proj(query_pos)

@@ -1,0 +1,172 @@
+"""Evaluation and prediction with a SpectralMoE segmentor: the `eval` and `predict` modes.
+
+Binds the model-agnostic pieces (inference, evaluator, metrics, report, scene) to the segmentor:
+its `predict_fn` is Mask2Former's semantic inference (mask logits upsampled to the input size,
+then softmax(class)[:-1] x sigmoid(mask), as mmseg's `Mask2FormerHead.predict`).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spectralmoe_jax.evaluation import metrics as metrics_lib
+from spectralmoe_jax.evaluation import visualize
+from spectralmoe_jax.evaluation.evaluator import evaluate
+from spectralmoe_jax.evaluation.inference import make_infer_fn
+from spectralmoe_jax.models.mask2former import semantic_inference
+
+
+def model_predict_fn(model):
+    """images [B, H, W, C] (normalised) -> class scores [B, H, W, K]."""
+    graphdef, state = nnx.split(model)
+
+    def predict(images):
+        out = nnx.merge(graphdef, state)(images, train=False)
+        masks = out["mask_logits"][-1]  # [B, Q, h, w], the last decoder layer
+        b, q = masks.shape[:2]
+        masks = jax.image.resize(masks.astype(jnp.float32), (b, q, *images.shape[1:3]), "linear")
+        return semantic_inference(out["class_logits"][-1].astype(jnp.float32), masks)
+
+    return predict
+
+
+def patch_multiple(model) -> int:
+    """Inputs must divide into patches, and the stride-32 level halves the patch grid."""
+    return 2 * model.vfm.config.patch_size
+
+
+def routing_maps(model, image: np.ndarray) -> np.ndarray | None:
+    """Top-1 expert of every patch in every layer [L, h, w] for one normalised image."""
+    if model.adapter is None or not model.adapter.config.routed:
+        return None
+    multiple = patch_multiple(model)
+    h, w = (s - s % multiple for s in image.shape[:2])
+    out = nnx.jit(lambda m, x: m(x, train=False))(model, jnp.asarray(image[None, :h, :w]))
+    return np.asarray(out["expert_v"][0])
+
+
+def load_model_for_inference(config, workdir: str):
+    """The segmentor with the best (else latest) checkpoint of `workdir`; untrained if none."""
+    from spectralmoe_jax.models.segmentor import build_segmentor, split_model
+    from spectralmoe_jax.training.checkpoint import Checkpointer
+    from spectralmoe_jax.training.optimizer import make_optimizer
+    from spectralmoe_jax.training.train_state import init_train_state
+
+    model = build_segmentor(config.model, seed=config.seed)
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return model, 0
+    checkpointer = Checkpointer(directory, keep=config.train.get("keep_checkpoints", 3))
+    step = checkpointer.best_step() or checkpointer.latest_step()
+    if step is None:
+        return model, 0
+    graphdef, params, frozen, rest = split_model(model)
+    tx, _ = make_optimizer(config.train, params)
+    template = jax.tree.map(np.asarray, init_train_state(params, tx, config.seed))
+    state, _ = checkpointer.restore(template, step=step)
+    checkpointer.close()
+    return nnx.merge(graphdef, state.params, frozen, rest), step
+
+
+class Evaluator:
+    """Per-domain mIoU / mAcc / IoU of a model on `config.eval.split`, with reports."""
+
+    def __init__(self, config, workdir: str):
+        self.config = config
+        self.workdir = workdir
+        self._source = None
+
+    @property
+    def source(self):
+        if self._source is None:
+            from spectralmoe_jax.data.pipeline import make_eval_source
+
+            self._source = make_eval_source(self.config.data, self.config.eval.split)
+        return self._source
+
+    def evaluate(self, model, step: int = 0, report: bool = True) -> dict:
+        from spectralmoe_jax.training.metric_writer import MetricWriter
+
+        data, ec = self.config.data, self.config.eval
+        infer = make_infer_fn(model_predict_fn(model), mode=ec.mode, window=ec.window,
+                              stride=ec.stride, batch_size=ec.batch_size,
+                              patch_multiple=patch_multiple(model), flip=ec.flip)
+        result = evaluate(infer, self.source, num_classes=data.num_classes,
+                          ignore_index=data.get("ignore_index", 255),
+                          samples_per_domain=2 if report else 0, progress=True)
+        results = result.results()
+        names = list(data.class_names)
+        print(metrics_lib.format_table(results, names))
+        record = metrics_lib.metrics_record(results, names)
+        out_dir = os.path.join(self.workdir, "eval", f"step_{step}")
+        os.makedirs(out_dir, exist_ok=True)
+        metrics_lib.save_confusion(result.confusion.overall(), os.path.join(out_dir, "confusion"), names)
+        writer = MetricWriter(self.workdir, tensorboard=self.config.train.get("tensorboard", True))
+        writer.write(step, record, kind="eval")
+        writer.close()
+        if report:
+            self.write_report(model, result, out_dir, step)
+        return record
+
+    def evaluate_during_training(self, model, step: int) -> dict:
+        return self.evaluate(model, step, report=False)
+
+    def write_report(self, model, result, out_dir: str, step: int) -> str:
+        from spectralmoe_jax.evaluation.report import write_report
+
+        data = self.config.data
+        bands = tuple(data.get("rgb_bands") or (0, 1, 2))
+        panels, routing = [], []
+        for sample in result.samples:
+            image = visualize.prediction_panel(sample["image"], sample["label"], sample["pred"],
+                                               data.palette, bands=bands, name=sample["name"])
+            visualize.save_png(os.path.join(out_dir, f"{sample['name']}_panel.png"), image)
+            panels.append((f"{sample['domain']} / {sample['name']}", image))
+            experts = routing_maps(model, sample["image"])
+            if experts is not None:
+                grid = visualize.routing_grid(experts, model.adapter.config.num_experts)
+                routing.append((sample["name"], grid))
+        path = write_report(out_dir, result.confusion, class_names=list(data.class_names),
+                            palette=data.palette, panels=panels, routing=routing,
+                            title=f"{data.name}: evaluation at step {step}")
+        print(f"report: {path}")
+        return path
+
+
+def predict_paths(model, config, input_path: str, output_dir: str) -> list[str]:
+    """Label GeoTIFFs (COG, input CRS / transform / nodata) and colour PNGs for each scene."""
+    from spectralmoe_jax.data.spec import dataset_spec
+    from spectralmoe_jax.evaluation.scene import predict_scene
+
+    spec = dataset_spec(config.data)
+    data, pc = config.data, config.predict
+    paths = sorted(glob.glob(os.path.join(input_path, "*.tif"))) if os.path.isdir(input_path) else [input_path]
+    if not paths:
+        raise FileNotFoundError(f"no GeoTIFF (*.tif) to predict in {input_path}")
+    os.makedirs(output_dir, exist_ok=True)
+    predict_fn = model_predict_fn(model)
+    written = []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        dst = os.path.join(output_dir, f"{stem}_pred.tif")
+        predict_scene(predict_fn, path, dst, num_classes=data.num_classes, mean=data.mean,
+                      std=data.std, bands=spec.band_indices, value_scale=spec.value_scale,
+                      nodata=spec.nodata, window=pc.window, overlap=pc.overlap,
+                      patch_multiple=patch_multiple(model), tta=pc.flip,
+                      write_probabilities=pc.probabilities, probabilities="normalize",
+                      palette=data.palette, class_names=list(data.class_names))
+        import rasterio
+
+        with rasterio.open(dst) as src:
+            labels = src.read(1)
+        visualize.save_png(os.path.join(output_dir, f"{stem}_pred.png"),
+                           visualize.colorize(labels, data.palette))
+        written.append(dst)
+        print(f"wrote {dst}")
+    return written

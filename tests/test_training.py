@@ -1,0 +1,146 @@
+"""The engine: exact resume, NaN stop, frozen weights, checkpoint errors, multi-device step."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from tests.tiny import ROOT, tiny_config
+from spectralmoe_jax.training.checkpoint import CheckpointError
+from spectralmoe_jax.training.trainer import NonFiniteLossError, Training
+
+
+def read_losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    training = Training(tiny_config(num_steps=4), workdir)
+    frozen_before = leaves(training.frozen)
+    params_before = leaves(training.state.params)
+    training.run()
+    return workdir, training, frozen_before, params_before
+
+
+def test_resume_is_exact(uninterrupted, tmp_path):
+    workdir, full, _, _ = uninterrupted
+    first = Training(tiny_config(num_steps=4), str(tmp_path))
+    first.run(stop_after=2)  # "killed" right after the step-2 checkpoint
+    del first
+    resumed = Training(tiny_config(num_steps=4), str(tmp_path))
+    assert int(resumed.state.step) == 2
+    resumed.run()
+    expected, got = read_losses(workdir), read_losses(str(tmp_path))
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert got[step] == expected[step], (step, got[step], expected[step])  # bitwise on CPU
+    for a, b in zip(leaves(full.state.params), leaves(resumed.state.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_frozen_weights_are_bit_identical_and_trainables_move(uninterrupted):
+    _, training, frozen_before, params_before = uninterrupted
+    for before, after in zip(frozen_before, leaves(training.frozen)):
+        np.testing.assert_array_equal(before, after)
+    moved = [not np.array_equal(b, a) for b, a in zip(params_before, leaves(training.state.params))]
+    assert sum(moved) > len(moved) // 2
+
+
+class PoisonedIterator:
+    """Passes batches through, but the `at`-th one carries NaN pixels."""
+
+    def __init__(self, inner, at):
+        self.inner, self.at, self.count = inner, at, 0
+
+    def __next__(self):
+        batch = next(self.inner)
+        self.count += 1
+        if self.count == self.at:
+            batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+        return batch
+
+    def get_state(self):
+        return self.inner.get_state()
+
+
+def test_nan_loss_stops_and_last_checkpoint_restores(uninterrupted, tmp_path):
+    training = Training(tiny_config(num_steps=4), str(tmp_path))
+    training.iterator = PoisonedIterator(training.iterator, at=3)
+    with pytest.raises(NonFiniteLossError, match="step 3.*last good checkpoint is step 2"):
+        training.run()
+    assert training.checkpointer.latest_step() == 2
+    restored = Training(tiny_config(num_steps=4), str(tmp_path))
+    assert int(restored.state.step) == 2
+    # The checkpoint holds the uninterrupted run's step-2 state: compare losses.
+    assert read_losses(str(tmp_path))[2] == read_losses(uninterrupted[0])[2]
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    training = Training(tiny_config(num_steps=2), str(tmp_path))
+    training.run(stop_after=2)
+    assert training.checkpointer.latest_step() == 2
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(training.checkpointer.manager, "save", full_disk)
+    with pytest.raises(CheckpointError, match="disk is full.*step 2.*untouched"):
+        training.save()
+    assert training.checkpointer.latest_step() == 2
+    assert training.checkpointer.restore(jax.tree.map(np.asarray, training.state)) is not None
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CheckpointError, match="not writable"):
+        Training(tiny_config(), str(blocker / "run"))
+
+
+ONE_STEP_SCRIPT = textwrap.dedent("""
+    import os, sys
+    devices = int(sys.argv[1])
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={devices}")
+    sys.path.insert(0, os.getcwd())
+    import jax, numpy as np
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from tests.tiny import tiny_config
+    from spectralmoe_jax.training.trainer import Training
+
+    config = tiny_config(batch_size=8, num_steps=1)
+    config.mesh.data = devices  # the batch of 8 split over `devices` data shards
+    training = Training(config, sys.argv[2])
+    loss = float(jax.device_get(training.step())["loss"])
+    params = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(training.state.params))}
+    np.savez(sys.argv[3], loss=loss, **params)
+""")
+
+
+def run_one_step(devices, tmp_path):
+    out = tmp_path / f"step_{devices}.npz"
+    result = subprocess.run([sys.executable, "-c", ONE_STEP_SCRIPT, str(devices),
+                             str(tmp_path / f"work{devices}"), str(out)],
+                            capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return dict(np.load(out))
+
+
+def test_train_step_on_8_devices_equals_one_device(tmp_path):
+    one, eight = run_one_step(1, tmp_path), run_one_step(8, tmp_path)
+    assert abs(eight["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"])
+    for key in one:
+        np.testing.assert_allclose(eight[key], one[key], rtol=1e-4, atol=1e-6, err_msg=key)
