@@ -63,6 +63,8 @@ def base_config(data: ml_collections.ConfigDict, *, num_steps: int,
         adapter=adapter_config(),
         decoder=decoder_config(data.num_classes),
         feature_layers=(7, 11, 15, 23),
+        checkpoint="",          # trained adapter + head: released .pth or `--mode convert` output
+        convert_target="vfm",   # `--mode convert` of a foundation-model file: 'vfm' or 'depth'
     ))
     config.loss = ml_collections.ConfigDict(dict(num_points=12544))
     config.train = ml_collections.ConfigDict(dict(

@@ -43,7 +43,24 @@ def main(argv):
     from spectralmoe_jax import modes
 
     run = getattr(modes, _MODE.value)
-    run(_CONFIG.value, _WORKDIR.value, input_path=_INPUT.value, output_path=_OUTPUT.value)
+    try:
+        run(_CONFIG.value, _WORKDIR.value, input_path=_INPUT.value, output_path=_OUTPUT.value)
+    except user_errors() as error:
+        # Bad input (data, checkpoints, workdir, a diverged run): the message says what and
+        # where; a stack trace would only hide it.
+        print(f"error ({type(error).__name__}): {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    from spectralmoe_jax.conversion.rules import ConversionError
+    from spectralmoe_jax.conversion.torch_io import CheckpointReadError
+    from spectralmoe_jax.data.spec import DataError
+    from spectralmoe_jax.training.checkpoint import CheckpointError
+    from spectralmoe_jax.training.trainer import NonFiniteLossError
+
+    return (DataError, ConversionError, CheckpointReadError, CheckpointError, NonFiniteLossError,
+            FileNotFoundError)
 
 
 def cli():

@@ -92,6 +92,6 @@ def demo(config, workdir, **_):
     metrics = eval(config, workdir)
     model, _ = load_model_for_inference(config, workdir)
     source = make_eval_source(config.data, config.eval.split)
-    for i in range(len(source)):
-        predict_paths(model, config, source.source.path(i), os.path.join(workdir, "predictions"))
+    tiles = [source.source.path(i) for i in range(len(source))]
+    predict_paths(model, config, tiles, os.path.join(workdir, "predictions"))
     return metrics

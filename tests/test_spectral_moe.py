@@ -126,8 +126,7 @@ def ref_spectral_moe(sd, config, layer, f_v, f_d, eps_v=None, eps_d=None):
     w_t, b_t = g("mlp_token2feat.weight"), g("mlp_token2feat.bias")
     fv, fd = t(f_v).reshape(B * N, d), (None if f_d is None else t(f_d).reshape(B * N, d))
 
-    loss, experts = 0.0, {}
-    deltas = {}
+    loss, experts, deltas = 0.0, {}, {}
     modalities = [("v", fv, 0, eps_v)]
     if config.use_depth:
         modalities.append(("d", fd, 1 if config.dual_gating else 0, eps_d))

@@ -139,14 +139,21 @@ class Evaluator:
         return path
 
 
-def predict_paths(model, config, input_path: str, output_dir: str) -> list[str]:
-    """Label GeoTIFFs (COG, input CRS / transform / nodata) and colour PNGs for each scene."""
+def predict_paths(model, config, input_path, output_dir: str) -> list[str]:
+    """Label GeoTIFFs (COG, input CRS / transform / nodata) and colour PNGs for each scene.
+
+    `input_path`: a GeoTIFF, a folder of them, or a list of GeoTIFF paths."""
     from spectralmoe_jax.data.spec import dataset_spec
     from spectralmoe_jax.evaluation.scene import predict_scene
 
     spec = dataset_spec(config.data)
     data, pc = config.data, config.predict
-    paths = sorted(glob.glob(os.path.join(input_path, "*.tif"))) if os.path.isdir(input_path) else [input_path]
+    if isinstance(input_path, (list, tuple)):
+        paths = list(input_path)
+    elif os.path.isdir(input_path):
+        paths = sorted(glob.glob(os.path.join(input_path, "*.tif")))
+    else:
+        paths = [input_path]
     if not paths:
         raise FileNotFoundError(f"no GeoTIFF (*.tif) to predict in {input_path}")
     os.makedirs(output_dir, exist_ok=True)

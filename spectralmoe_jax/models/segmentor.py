@@ -90,6 +90,8 @@ class Segmentor(nnx.Module):
         if self.adapter is not None and self.adapter.config.link_token_to_query:
             # Released heads drop their learned query positions and take the adapter's.
             head_fields.setdefault("learn_query_position", False)
+            # REIN's released head also derives its query features from them (`querys2feat`).
+            head_fields.setdefault("replace_query_feat", self.adapter.config.kind == "rein")
         self.head = Mask2FormerHead(
             dataclass_from_config(Mask2FormerConfig, head_fields, "model.decoder"), rngs=rngs)
 
@@ -179,10 +181,16 @@ def load_backbone(module: VisionTransformer, cfg, where: str) -> None:
 
 
 def build_segmentor(model_config, seed: int = 0) -> Segmentor:
-    """The segmentor with its frozen backbones loaded from their checkpoints, when given."""
+    """The segmentor with its frozen backbones loaded from their checkpoints, when given, and
+    its adapter and head from `model.checkpoint` (a released SpectralMoE / REIN MMSegmentation
+    checkpoint, or the Orbax directory `--mode convert` writes from one)."""
     model = Segmentor(model_config, rngs=nnx.Rngs(seed))
     for name in FROZEN_PREFIXES:
         module, cfg = getattr(model, name), model_config[name]
         if module is not None and cfg.get("checkpoint"):
             load_backbone(module, cfg, f"model.{name}")
+    if model_config.get("checkpoint"):
+        from spectralmoe_jax.conversion.segmentor import load_trained_parts
+
+        load_trained_parts(model, model_config.checkpoint)
     return model

@@ -168,7 +168,8 @@ def _distance(f: jax.Array, w: jax.Array, p: float) -> jax.Array:
             - 2.0 * jnp.einsum("bnd,de->bne", f, w)
             + jnp.sum(w * w, axis=0)
         )
-        return jnp.sqrt(jnp.maximum(squared, 0.0))
+        # The floor keeps the gradient finite where a token sits on a prototype.
+        return jnp.sqrt(jnp.maximum(squared, 1e-30))
     diff = jnp.abs(f[..., None] - w)
     return jnp.sum(diff**p, axis=-2) ** (1.0 / p)
 
@@ -199,7 +200,7 @@ def route(
         std = jax.nn.softplus(jnp.einsum("bnd,de->bne", f, w_noise)) + noise_epsilon
         logits = clean + eps * std
     top_values, top_index = jax.lax.top_k(logits, min(top_k + 1, num_experts))
-    selected = jnp.sum(jax.nn.one_hot(top_index[..., :top_k], num_experts, dtype=bool), axis=-2)
+    selected = jax.nn.one_hot(top_index[..., :top_k], num_experts, dtype=bool).any(axis=-2)
     gates = jax.nn.softmax(jnp.where(selected, logits, -jnp.inf), axis=-1)
     importance = jnp.sum(gates, axis=(0, 1))
     if std is not None and top_k < num_experts:
