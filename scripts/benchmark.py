@@ -255,7 +255,11 @@ class Bench:
         if flops_analytic is not None:
             record["flops_analytic"] = flops_analytic
         if hlo or self.args.hlo:
-            record["hlo"] = hlo_stats(compiled.as_text())
+            text = compiled.as_text()
+            record["hlo"] = hlo_stats(text)
+            if self.args.dump_hlo:
+                os.makedirs(self.args.dump_hlo, exist_ok=True)
+                Path(self.args.dump_hlo, f"{name}.hlo.txt").write_text(text)
         if not self.abstract:
             state = list(args)
 
@@ -513,15 +517,15 @@ def part_adapter(b: Bench):
     vfm, adapter = model.vfm, model.adapter
     grid = size // vfm.config.patch_size
     tokens = grid * grid
-    # One layer next to one ViT block, forward and forward + backward (issue 4's figure).
-    if not b.abstract:
-        layer = load_script("bench_adapter").run(
-            batch=batch, tokens=tokens, width=vfm.config.width, dtype=b.config.model.dtype,
-            fusion=adapter.config.fusion, iters=b.args.steps)
-        b.records["adapter_layer_vs_block"] = layer
-        print("  adapter_layer_vs_block: " + ", ".join(
-            f"{k} {v:.3g}" for k, v in layer.items() if k.endswith(("_ms", "_gflop"))
-            and v is not None), flush=True)
+    # One layer next to one ViT block, forward and forward + backward (issue 4's figure); with
+    # --compile-only its FLOPs and memory only.
+    layer = load_script("bench_adapter").run(
+        batch=batch, tokens=tokens, width=vfm.config.width, dtype=b.config.model.dtype,
+        fusion=adapter.config.fusion, iters=b.args.steps, timed=not b.abstract)
+    b.records["adapter_layer_vs_block"] = layer
+    print("  adapter_layer_vs_block: " + ", ".join(
+        f"{k} {v:.3g}" for k, v in layer.items() if k.endswith(("_ms", "_gflop", "_mb"))
+        and v is not None), flush=True)
 
     # The VFM with the adapter after every block, forward + backward to the adapter.
     graphdef, params, rest = nnx.split(model, nnx.All(nnx.Param, nnx.PathContains("adapter")),
@@ -647,7 +651,8 @@ def _train_step(b: Bench, batch_size: int):
     graphdef, params, frozen, rest = split_model(b.model)
     tx = _optimizer(b, params)
     init = lambda p: init_train_state(p, tx, b.config.seed)  # noqa: E731
-    state = jax.eval_shape(init, params) if b.abstract else init(params)
+    # A copy: the step donates its state, and the model's own arrays serve the other parts.
+    state = jax.eval_shape(init, params) if b.abstract else init(jax.tree.map(jnp.copy, params))
     step = make_train_step(graphdef, tx, num_classes=b.config.data.num_classes,
                            loss_config=loss_config_from(b.config),
                            ignore_index=b.config.data.get("ignore_index", 255))
@@ -831,6 +836,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile-only", action="store_true",
                         help="lower and compile on abstract inputs; no weights, no timing")
     parser.add_argument("--hlo", action="store_true", help="HLO statistics of every part")
+    parser.add_argument("--dump-hlo", help="folder for the optimized HLO text of those parts")
     parser.add_argument("--fit-batch", type=int, default=16)
     parser.add_argument("--matmul-size", type=int, help="default 8192 (1024 on a CPU)")
     parser.add_argument("--backbones", nargs="+", help="presets for the 'backbones' part")

@@ -3,7 +3,7 @@
 # (issue 7). Designed to finish in under 8 minutes on one H100; every stage has its own time
 # limit and writes its results as it goes, so a cut-short run still returns what it measured.
 #
-#   bash scripts/gpu_check.sh           # results in $OUT if set (the device tool), else ./gpu_check_out
+#   bash scripts/gpu_check.sh           # results in $OUT if set (the device tool), else /tmp/gpu_check_out
 #
 # Stages:
 #   1. parity tests: tests/test_attention.py, tests/test_vit.py (PyTorch references on the CPU)
@@ -19,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-OUT_DIR=${OUT:-gpu_check_out}
+OUT_DIR=${OUT:-/tmp/gpu_check_out}
 STEPS=${GPU_CHECK_STEPS:-20}
 PARTS=${GPU_CHECK_PARTS:-all fit}
 mkdir -p "$OUT_DIR"

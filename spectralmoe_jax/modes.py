@@ -84,14 +84,25 @@ def stats(config, workdir, **_):
 
 
 def demo(config, workdir, **_):
-    """The whole job: train, evaluate the unseen domain (with its report), predict its tiles."""
+    """The whole job: evaluate the untrained model on the unseen domain, train, evaluate again
+    (with the HTML report), predict the unseen tiles as GeoTIFFs and PNGs."""
     from spectralmoe_jax.data.pipeline import make_eval_source
-    from spectralmoe_jax.evaluation.runner import load_model_for_inference, predict_paths
+    from spectralmoe_jax.evaluation.runner import Evaluator, predict_paths
+    from spectralmoe_jax.training.trainer import Training
 
-    train(config, workdir)
-    metrics = eval(config, workdir)
-    model, _ = load_model_for_inference(config, workdir)
+    training = Training(config, workdir)
+    evaluator = Evaluator(config, workdir)
+    start = int(training.state.step)
+    before = evaluator.evaluate(training.model(), step=start, report=False) if start == 0 else None
+    training.run(evaluate_fn=evaluator.evaluate_during_training)
+    model = training.model()
+    after = evaluator.evaluate(model, step=int(training.state.step), report=config.eval.report)
     source = make_eval_source(config.data, config.eval.split)
     tiles = [source.source.path(i) for i in range(len(source))]
     predict_paths(model, config, tiles, os.path.join(workdir, "predictions"))
-    return metrics
+    summary = {"mIoU_untrained": before and before["mIoU"], "mIoU_trained": after["mIoU"],
+               "mAcc_trained": after["mAcc"], "domains": sorted(set(source.domains))}
+    print(json.dumps(summary, indent=2))
+    with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

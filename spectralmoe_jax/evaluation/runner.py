@@ -7,6 +7,7 @@ then softmax(class)[:-1] x sigmoid(mask), as mmseg's `Mask2FormerHead.predict`).
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 
@@ -22,18 +23,33 @@ from spectralmoe_jax.evaluation.inference import make_infer_fn
 from spectralmoe_jax.models.mask2former import semantic_inference
 
 
+def semantic_scores(model, images):
+    """images [B, H, W, C] (normalised) -> class scores [B, H, W, K] of the last decoder layer."""
+    out = model(images, train=False)
+    masks = out["mask_logits"][-1]  # [B, Q, h, w]
+    b, q = masks.shape[:2]
+    masks = jax.image.resize(masks.astype(jnp.float32), (b, q, *images.shape[1:3]), "linear")
+    return semantic_inference(out["class_logits"][-1].astype(jnp.float32), masks)
+
+
 def model_predict_fn(model):
-    """images [B, H, W, C] (normalised) -> class scores [B, H, W, K]."""
+    """`semantic_scores` bound to one model, for the scene predictor."""
     graphdef, state = nnx.split(model)
+    return lambda images: semantic_scores(nnx.merge(graphdef, state), images)
 
-    def predict(images):
-        out = nnx.merge(graphdef, state)(images, train=False)
-        masks = out["mask_logits"][-1]  # [B, Q, h, w], the last decoder layer
-        b, q = masks.shape[:2]
-        masks = jax.image.resize(masks.astype(jnp.float32), (b, q, *images.shape[1:3]), "linear")
-        return semantic_inference(out["class_logits"][-1].astype(jnp.float32), masks)
 
-    return predict
+def make_model_infer(graphdef, eval_config, multiple: int):
+    """jitted (state, images) -> scores of `config.eval` (whole or sliding windows).
+
+    The model state is an argument, not a constant: one compilation serves every checkpoint
+    evaluated during a run."""
+    def infer(state, images):
+        predict = lambda x: semantic_scores(nnx.merge(graphdef, state), x)  # noqa: E731
+        return make_infer_fn(predict, mode=eval_config.mode, window=eval_config.window,
+                             stride=eval_config.stride, batch_size=eval_config.batch_size,
+                             patch_multiple=multiple, flip=eval_config.flip)(images)
+
+    return jax.jit(infer)
 
 
 def patch_multiple(model) -> int:
@@ -81,6 +97,7 @@ class Evaluator:
         self.config = config
         self.workdir = workdir
         self._source = None
+        self._infer = None  # (graphdef, jitted infer), compiled once per model structure
 
     @property
     def source(self):
@@ -93,10 +110,11 @@ class Evaluator:
     def evaluate(self, model, step: int = 0, report: bool = True) -> dict:
         from spectralmoe_jax.training.metric_writer import MetricWriter
 
-        data, ec = self.config.data, self.config.eval
-        infer = make_infer_fn(model_predict_fn(model), mode=ec.mode, window=ec.window,
-                              stride=ec.stride, batch_size=ec.batch_size,
-                              patch_multiple=patch_multiple(model), flip=ec.flip)
+        data = self.config.data
+        graphdef, state = nnx.split(model)
+        if self._infer is None or self._infer[0] != graphdef:
+            self._infer = graphdef, make_model_infer(graphdef, self.config.eval, patch_multiple(model))
+        infer = functools.partial(self._infer[1], state)
         result = evaluate(infer, self.source, num_classes=data.num_classes,
                           ignore_index=data.get("ignore_index", 255),
                           samples_per_domain=2 if report else 0, progress=True)

@@ -31,9 +31,8 @@ def tree_select(predicate: jax.Array, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(predicate, a, b), on_true, on_false)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, num_classes: int,
-                    loss_config, ignore_index: int = 255):
-    """Builds the step for one model structure (`graphdef`) and optimiser."""
+def make_loss_fn(graphdef, *, num_classes: int, loss_config, ignore_index: int = 255):
+    """(params, frozen, rest, batch, rng) -> (loss, metrics): the objective of the step."""
 
     def loss_fn(params, frozen, rest, batch, rng):
         noise_rng, point_rng = jax.random.split(rng)
@@ -48,6 +47,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, num_classes: 
         metrics = dict(metrics, loss=loss, decoder_loss=decoder_loss,
                        balance_loss=outputs["balance_loss"])
         return loss, metrics
+
+    return loss_fn
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, num_classes: int,
+                    loss_config, ignore_index: int = 255):
+    """Builds the step for one model structure (`graphdef`) and optimiser."""
+    loss_fn = make_loss_fn(graphdef, num_classes=num_classes, loss_config=loss_config,
+                           ignore_index=ignore_index)
 
     def train_step(state: TrainState, frozen, rest, batch):
         rng = jax.random.fold_in(state.rng, state.step)
