@@ -1,17 +1,16 @@
-r"""GID cross-region (CGS: disjoint GF-2 regions; NIR,R,G,B; 24 classes), SpectralMoE on DINOv3 ViT-L/16.
+r"""GID cross-region (CGS: disjoint GF-2 regions; NIR, R, G, B; 24 classes), SpectralMoE on
+DINOv3 ViT-L/16.
 
   python -m spectralmoe_jax.main --config configs/gid_cross_region.py --workdir runs/gid_cross_region \
       --config.data.root=/data/gid_cross_region --config.model.vfm.checkpoint=/weights/dinov3_vitl16.pth \
       --config.model.depth.checkpoint=/weights/promptda_vitl.ckpt
 
-Variants (config_lib.METHODS): `configs/gid_cross_region.py:rein`, `:frozen`, `:no_moe`, `:no_dual_gating`,
-`:no_depth`, `:no_cross_attention`.
+Method variants (config_lib.METHODS): `configs/gid_cross_region.py:rein`, `:frozen`, `:no_moe`,
+`:no_dual_gating`, `:no_depth`, `:no_cross_attention`.
 """
 
 from spectralmoe_jax import config_lib
-from spectralmoe_jax.data import benchmarks
 
 
 def get_config(variant=None):
-    config = config_lib.base_config(benchmarks.gid_cross_region(), num_steps=66160)
-    return config_lib.apply_method(config, config_lib.parse_variant(variant))
+    return config_lib.benchmark_config("gid_cross_region", variant, num_steps=66160)

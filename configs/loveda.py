@@ -4,15 +4,12 @@ r"""LoveDA rural -> urban (RGB; 7 classes), SpectralMoE on DINOv3 ViT-L/16 with 
       --config.data.root=/data/loveda --config.model.vfm.checkpoint=/weights/dinov3_vitl16.pth \
       --config.model.depth.checkpoint=/weights/promptda_vitl.ckpt
 
-Variants (config_lib.METHODS): `configs/loveda.py:rein`, `:frozen`, `:no_moe`, `:no_dual_gating`,
-`:no_depth`, `:no_cross_attention`.
+Method variants (config_lib.METHODS): `configs/loveda.py:rein`, `:frozen`, `:no_moe`,
+`:no_dual_gating`, `:no_depth`, `:no_cross_attention`.
 """
 
 from spectralmoe_jax import config_lib
-from spectralmoe_jax.data import benchmarks
 
 
 def get_config(variant=None):
-    config = config_lib.base_config(benchmarks.loveda(), num_steps=23580)
-    config.model.adapter.num_experts = 3
-    return config_lib.apply_method(config, config_lib.parse_variant(variant))
+    return config_lib.benchmark_config("loveda", variant, num_steps=23580, num_experts=3)

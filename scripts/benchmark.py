@@ -71,7 +71,6 @@ from spectralmoe_jax.training.trainer import loss_config_from  # noqa: E402
 # The step right after the peak: a run cut short by a time limit still has the key figures.
 DEFAULT_PARTS = ("matmul", "step", "eval", "vfm", "depth", "adapter", "decoder", "loss",
                  "optimizer", "input")
-EXTRA_PARTS = ("backbones", "fit")
 
 
 def load_script(name: str):
@@ -146,7 +145,7 @@ def jaxpr_flops(jaxpr) -> float:
             bnth = "BNTH" in str(eqn.params.get("layout", ""))
             t, s_len = (q[2], k[2]) if bnth else (q[1], k[1])
             products = 4 if "bwd" in name else 2
-            total += 2.0 * products * math.prod(q) * s_len / t * 1.0
+            total += 2.0 * products * math.prod(q) * s_len / t
         sub = [jaxpr_flops(j) for j in jax_core.jaxprs_in_params(eqn.params)]
         if name == "cond":
             total += max(sub, default=0.0)

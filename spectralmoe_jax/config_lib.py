@@ -63,6 +63,7 @@ def base_config(data: ml_collections.ConfigDict, *, num_steps: int,
         adapter=adapter_config(),
         decoder=decoder_config(data.num_classes),
         feature_layers=(7, 11, 15, 23),
+        wavelengths=tuple(data.get("wavelengths") or ()),  # per band, um: DOFA needs them
         checkpoint="",          # trained adapter + head: released .pth or `--mode convert` output
         convert_target="vfm",   # `--mode convert` of a foundation-model file: 'vfm' or 'depth'
     ))
@@ -114,3 +115,15 @@ def apply_method(config: ml_collections.ConfigDict, method: str) -> ml_collectio
 
 def parse_variant(arg: str | None) -> str:
     return (arg or "spectralmoe").strip() or "spectralmoe"
+
+
+def benchmark_config(benchmark: str, variant: str | None, *, num_steps: int,
+                     vfm: str = "dinov3_vitl16", num_experts: int = 6,
+                     batch_size: int = 8) -> ml_collections.ConfigDict:
+    """One of the paper's benchmarks (data/benchmarks.py) with the released recipe and a method."""
+    from spectralmoe_jax.data import benchmarks
+
+    config = base_config(benchmarks.get_benchmark(benchmark), num_steps=num_steps, vfm=vfm)
+    config.model.adapter.num_experts = num_experts
+    config.train.batch_size = batch_size
+    return apply_method(config, parse_variant(variant))

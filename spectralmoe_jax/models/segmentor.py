@@ -65,6 +65,11 @@ class Segmentor(nnx.Module):
     def __init__(self, model_config, *, rngs: nnx.Rngs):
         dtype = model_config.get("dtype", "float32")
         self.vfm = VisionTransformer(backbone_config(model_config.vfm, dtype, "model.vfm"), rngs=rngs)
+        # DOFA builds its patch embedding from the bands' central wavelengths (micrometres).
+        self.wavelengths = tuple(model_config.get("wavelengths") or ())
+        if self.vfm.config.family == "dofa" and len(self.wavelengths) != self.vfm.config.in_channels:
+            raise ValueError(f"model.wavelengths has {len(self.wavelengths)} values but the DOFA "
+                             f"VFM takes {self.vfm.config.in_channels} bands: give one per band")
         depth_cfg = model_config.depth
         self.depth_bands = tuple(depth_cfg.bands) if depth_cfg.enabled else None
         # nnx.data: an optional submodule stays a pytree node even when it is None.
@@ -115,6 +120,8 @@ class Segmentor(nnx.Module):
         patch = self.vfm.config.patch_size
         grid = (h // patch, w // patch)
         depth_layers = self.depth_features(images, grid)
+        if wavelengths is None and self.vfm.config.family == "dofa":
+            wavelengths = jnp.asarray(self.wavelengths, jnp.float32)
 
         hook = None
         if self.adapter is not None:

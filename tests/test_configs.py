@@ -1,0 +1,55 @@
+"""Every experiment config builds, and each method variant changes what it names."""
+
+import importlib
+
+import pytest
+from flax import nnx
+
+import tests.tiny  # noqa: F401  (puts the repository root on sys.path for `configs`)
+from spectralmoe_jax import config_lib
+from spectralmoe_jax.models.segmentor import Segmentor
+
+BENCHMARKS = ["whu_ohs", "five_billion_pixels", "gid_cross_region", "flair", "loveda",
+              "potsdam_vaihingen", "openearthmap", "demo"]
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_config_and_variant_builds(name):
+    module = importlib.import_module(f"configs.{name}")
+    base = module.get_config()
+    assert base.model.vfm.overrides.in_channels == len(base.data.bands)
+    assert max(base.model.depth.bands) < len(base.data.bands)
+    for method in config_lib.METHODS:
+        config = module.get_config(method)
+        adapter, depth = config.model.adapter, config.model.depth
+        assert adapter.enabled == (method != "frozen")
+        assert depth.enabled == (method not in ("frozen", "rein", "no_depth"))
+        assert adapter.kind == ("rein" if method == "rein" else "spectral_moe")
+        assert adapter.use_moe == (method != "no_moe")
+        assert adapter.dual_gating == (method != "no_dual_gating")
+        assert adapter.fusion == ("add" if method == "no_cross_attention" else "attention")
+    with pytest.raises(ValueError, match="bogus"):
+        module.get_config("bogus")
+
+
+def test_released_recipe_numbers():
+    from configs import flair, loveda, whu_ohs
+
+    config = flair.get_config()
+    assert (config.train.learning_rate, config.train.weight_decay, config.train.poly_power,
+            config.train.batch_size, config.train.num_steps, config.seed) == (1e-4, 0.05, 0.9, 8, 77140, 42)
+    assert config.model.adapter.num_experts == 6 and config.model.adapter.top_k == 1
+    assert loveda.get_config().model.adapter.num_experts == 3
+    ohs = whu_ohs.get_config()
+    assert ohs.model.vfm.preset == "dofa_vitl16" and len(ohs.model.wavelengths) == 32
+
+
+def test_dofa_segmentor_takes_the_configured_wavelengths():
+    from configs import whu_ohs
+
+    config = whu_ohs.get_config()
+    model = nnx.eval_shape(lambda: Segmentor(config.model, rngs=nnx.Rngs(0)))
+    assert model.wavelengths == tuple(config.data.wavelengths)
+    config.model.wavelengths = config.model.wavelengths[:5]
+    with pytest.raises(ValueError, match="5 values.*32 bands"):
+        Segmentor(config.model, rngs=nnx.Rngs(0))
