@@ -22,7 +22,7 @@ QUERIES = 16
 def get_config(variant=None):
     data = benchmarks.flair2_demo()
     data.crop_size = (256, 256)
-    config = config_lib.base_config(data, num_steps=150)
+    config = config_lib.base_config(data, num_steps=120)
     config.model.dtype = "float32"
     config.model.vfm.overrides.update(TINY_VIT)
     config.model.depth = config_lib.depth_config(bands=data.rgb_bands, preset="promptda_vitl16",

@@ -16,7 +16,7 @@ Parts (`--parts`, 'all' = every part but 'backbones' and 'fit'):
   loss       Mask2Former loss with Hungarian matching, forward + backward; the matcher alone
   optimizer  the AdamW update of the trainable parameters
   step       the whole jitted train step (state donated), images/s
-  eval       whole-image inference (the runner's predict function), images/s
+  eval       the evaluation runner's compiled inference (config.eval), images/s
   input      the grain input pipeline, tiles/s (scripts/bench_input.py)
   backbones  each ViT-L preset's forward (scripts/bench_backbone.py)
   fit        compile the train step at --fit-batch (16) and report its memory (nothing runs)
@@ -59,7 +59,7 @@ if str(ROOT) not in sys.path:  # run as a file from a checkout without installin
     sys.path.insert(0, str(ROOT))
 
 from spectralmoe_jax import config_lib  # noqa: E402
-from spectralmoe_jax.evaluation.runner import model_predict_fn  # noqa: E402
+from spectralmoe_jax.evaluation.runner import make_model_infer, patch_multiple  # noqa: E402
 from spectralmoe_jax.models.attention import resolve_implementation  # noqa: E402
 from spectralmoe_jax.models.segmentor import Segmentor, split_model  # noqa: E402
 from spectralmoe_jax.training.mask2former_loss import (  # noqa: E402
@@ -693,14 +693,12 @@ def part_fit(b: Bench):
 
 
 def part_eval(b: Bench):
+    """The evaluation runner's compiled inference (config.eval: whole image) on a batch."""
     graphdef, state = nnx.split(b.model)
     size, batch = b.args.size, b.args.batch
     images = b.array(jax.random.key(20), (batch, size, size, b.model.vfm.config.in_channels))
-
-    def predict(state, images):
-        return model_predict_fn(nnx.merge(graphdef, state))(images)
-
-    b.measure("eval_forward", predict, (state, images), images=batch)
+    infer = make_model_infer(graphdef, b.config.eval, patch_multiple(b.model))
+    b.measure("eval_forward", infer, (state, images), images=batch)
 
 
 def part_backbones(b: Bench):
