@@ -25,11 +25,13 @@ def vfm_config(preset: str = "dinov3_vitl16", **overrides) -> ml_collections.Con
     ))
 
 
-def depth_config(bands=(0, 1, 2), preset: str = "promptda_vitl14", **overrides):
+def depth_config(bands=(0, 1, 2), preset: str = "promptda_vitl16", **overrides):
+    """PromptDA's encoder as released: its patch-14 kernel and 37x37 position table are resized
+    on load to patch 16 and 32x32 (preset promptda_vitl16), so depth tokens align one to one with
+    DINOv3's. `preset='promptda_vitl14'` runs it at native patch 14 (depth grid resized instead)."""
     cfg = vfm_config(preset, **overrides)
     cfg.enabled = True
     cfg.bands = tuple(bands)      # which input bands feed the depth encoder as R, G, B
-    cfg.resize_patch_to = 16      # released: patch kernel 14 -> 16, pos-embed 37x37 -> 32x32
     return cfg
 
 

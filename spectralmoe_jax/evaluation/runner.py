@@ -32,10 +32,10 @@ def semantic_scores(model, images):
     return semantic_inference(out["class_logits"][-1].astype(jnp.float32), masks)
 
 
-def model_predict_fn(model):
-    """`semantic_scores` bound to one model, for the scene predictor."""
-    graphdef, state = nnx.split(model)
-    return lambda images: semantic_scores(nnx.merge(graphdef, state), images)
+@functools.lru_cache(maxsize=4)
+def state_predict_fn(graphdef):
+    """(state, images) -> scores for one model structure: the weights stay an argument."""
+    return lambda state, images: semantic_scores(nnx.merge(graphdef, state), images)
 
 
 def make_model_infer(graphdef, eval_config, multiple: int):
@@ -63,8 +63,13 @@ def routing_maps(model, image: np.ndarray) -> np.ndarray | None:
         return None
     multiple = patch_multiple(model)
     h, w = (s - s % multiple for s in image.shape[:2])
-    out = nnx.jit(lambda m, x: m(x, train=False))(model, jnp.asarray(image[None, :h, :w]))
-    return np.asarray(out["expert_v"][0])
+    graphdef, state = nnx.split(model)
+    return np.asarray(_routing_fn(graphdef)(state, jnp.asarray(image[None, :h, :w]))[0])
+
+
+@functools.lru_cache(maxsize=4)
+def _routing_fn(graphdef):
+    return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, train=False)["expert_v"])
 
 
 def load_model_for_inference(config, workdir: str):
@@ -175,7 +180,8 @@ def predict_paths(model, config, input_path, output_dir: str) -> list[str]:
     if not paths:
         raise FileNotFoundError(f"no GeoTIFF (*.tif) to predict in {input_path}")
     os.makedirs(output_dir, exist_ok=True)
-    predict_fn = model_predict_fn(model)
+    graphdef, state = nnx.split(model)
+    predict_fn = state_predict_fn(graphdef)
     written = []
     for path in paths:
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -185,7 +191,7 @@ def predict_paths(model, config, input_path, output_dir: str) -> list[str]:
                       nodata=spec.nodata, window=pc.window, overlap=pc.overlap,
                       patch_multiple=patch_multiple(model), tta=pc.flip,
                       write_probabilities=pc.probabilities, probabilities="normalize",
-                      palette=data.palette, class_names=list(data.class_names))
+                      palette=data.palette, class_names=list(data.class_names), params=state)
         import rasterio
 
         with rasterio.open(dst) as src:

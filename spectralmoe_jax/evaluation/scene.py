@@ -60,12 +60,15 @@ def predict_scene(predict_fn: PredictFn, src_path: str, dst_path: str, *, num_cl
                   block_width: int = 8192, write_probabilities: bool = False,
                   probabilities: str = "softmax", palette=None,
                   class_names: Sequence[str] | None = None, label_nodata: int = 255,
-                  compress: str = "deflate", progress: bool = True,
+                  compress: str = "deflate", progress: bool = True, params=None,
                   gdal_cache_mb: int = 64) -> SceneResult:
     """Predicts the GeoTIFF `src_path` and writes a uint8 label COG to `dst_path`.
 
     Args:
-      predict_fn: normalised images [B, h, w, C] -> class scores [B, h, w, K] (jitted or not).
+      predict_fn: normalised images [B, h, w, C] -> class scores [B, h, w, K] (jitted or not);
+        with `params`, called as predict_fn(params, images): the weights are then an argument
+        of the compiled program rather than constants baked into it (large models).
+      params: optional pytree of model weights passed to predict_fn.
       mean, std: per selected band, in scaled units: input = (x / value_scale - mean) / std.
       bands: 0-based band indexes or band descriptions (names) to select, in model order;
         None takes all bands.
@@ -194,7 +197,7 @@ def predict_scene(predict_fn: PredictFn, src_path: str, dst_path: str, *, num_cl
                             for i, x in enumerate(cols):
                                 batch[i] = image[:, x - cols[0]:x - cols[0] + win_w]
                                 offsets[i], used[i] = x - left, 1.0
-                            acc, total = accumulate(acc, total, predict(batch), offsets, used)
+                            acc, total = accumulate(acc, total, predict(params, batch), offsets, used)
                             bar.update(len(cols))
                     emit(acc, total, top, height - top, left, x0, x1)
                 bar.close()
@@ -225,9 +228,10 @@ def _device_fns(predict_fn, window: tuple[int, int], blend: str, *, num_classes:
     weights = window_weights(*window, blend)
 
     @jax.jit
-    def predict(batch):
+    def predict(params, batch):
         """Normalised windows [B, h, w, C] -> weighted scores [B, h, w, K] float32."""
-        scores = whole_inference(predict_fn, batch, patch_multiple=patch_multiple, flip=tta)
+        bound = predict_fn if params is None else functools.partial(predict_fn, params)
+        scores = whole_inference(bound, batch, patch_multiple=patch_multiple, flip=tta)
         if scores.shape[-1] != num_classes:
             raise ValueError(f"predict_fn returned {scores.shape[-1]} class scores, "
                              f"num_classes is {num_classes}")
