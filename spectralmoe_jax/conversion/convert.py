@@ -28,7 +28,7 @@ def convert_checkpoint(config, input_path: str, output_dir: str) -> str:
     model = nnx.eval_shape(lambda: Segmentor(config.model, rngs=nnx.Rngs(0)))
     if any(key.startswith("decode_head.") for key in state):
         params = trained.convert_trained_parts(state, model)
-        load_into_module(trained._TrainableView(model), params)
+        load_into_module(trained.TrainedParts(model), params)
         trained.save_trained_parts(model, output_dir)
         what = "adapter + Mask2Former head"
     else:

@@ -40,12 +40,12 @@ def load_trained_parts(model, path: str) -> None:
     else:
         params = convert_trained_parts(load_state_dict(path), model)
     try:  # names and shapes are checked over exactly the trained parts
-        load_into_module(_TrainableView(model), params)
+        load_into_module(TrainedParts(model), params)
     except ConversionError as error:
         raise ConversionError(f"{path}: {error}") from error
 
 
-class _TrainableView(nnx.Module):
+class TrainedParts(nnx.Module):
     """The segmentor's trained parts under their own names (`adapter/...`, `head/...`)."""
 
     def __init__(self, model):
@@ -56,6 +56,6 @@ class _TrainableView(nnx.Module):
 def save_trained_parts(model, directory: str) -> None:
     import orbax.checkpoint as ocp
 
-    pure = nnx.to_pure_dict(nnx.state(_TrainableView(model), nnx.Param))
+    pure = nnx.to_pure_dict(nnx.state(TrainedParts(model), nnx.Param))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.abspath(directory), pure, force=True)

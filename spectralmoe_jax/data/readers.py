@@ -115,6 +115,22 @@ def _nodata_mask(bands: np.ndarray, nodata: float | None) -> np.ndarray | None:
     return mask if mask.any() else None
 
 
+def _read_array(path: str, kind: str, hdf5_key: str, config_key: str, *, image: bool) -> np.ndarray:
+    """A PNG/JPEG, .npy or HDF5 array as stored (palette images become RGB for images only)."""
+    if kind == "image":
+        from PIL import Image
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB") if image and img.mode == "P" else img)
+    if kind == "npy":
+        return np.load(path)
+    import h5py
+    with h5py.File(path, "r") as f:
+        if hdf5_key not in f:
+            raise DataError(f"{path}: no HDF5 dataset {hdf5_key!r} "
+                            f"(config.data.{config_key}); it has {sorted(f)}")
+        return f[hdf5_key][...]
+
+
 def read_image(path: str, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray | None]:
     """Selected bands `[H, W, C]` in the file's dtype, and the nodata mask `[H, W]` or None.
 
@@ -131,19 +147,7 @@ def read_image(path: str, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray | N
                 nodata = spec.nodata if spec.nodata is not None else src.nodata
                 bands = np.moveaxis(src.read([i + 1 for i in indices]), 0, -1)
         else:
-            if kind == "image":
-                from PIL import Image
-                with Image.open(path) as img:
-                    array = np.asarray(img.convert("RGB") if img.mode == "P" else img)
-            elif kind == "npy":
-                array = np.load(path)
-            else:
-                import h5py
-                with h5py.File(path, "r") as f:
-                    if spec.hdf5_image_key not in f:
-                        raise DataError(f"{path}: no HDF5 dataset {spec.hdf5_image_key!r} "
-                                        f"(config.data.hdf5_image_key); it has {sorted(f)}")
-                    array = f[spec.hdf5_image_key][...]
+            array = _read_array(path, kind, spec.hdf5_image_key, "hdf5_image_key", image=True)
             array = _to_hwc(array, "HWC" if kind == "image" else spec.array_layout, path)
             check_band_count(path, array.shape[-1], spec)
             nodata = spec.nodata
@@ -168,19 +172,7 @@ def read_label(path: str, spec: DatasetSpec) -> np.ndarray:
                     raise DataError(f"{path}: label has {src.count} bands; expected one band "
                                     "of class codes")
                 return src.read(1)
-        if kind == "image":
-            from PIL import Image
-            with Image.open(path) as img:
-                array = np.asarray(img)
-        elif kind == "npy":
-            array = np.load(path)
-        else:
-            import h5py
-            with h5py.File(path, "r") as f:
-                if spec.hdf5_label_key not in f:
-                    raise DataError(f"{path}: no HDF5 dataset {spec.hdf5_label_key!r} "
-                                    f"(config.data.hdf5_label_key); it has {sorted(f)}")
-                array = f[spec.hdf5_label_key][...]
+        array = _read_array(path, kind, spec.hdf5_label_key, "hdf5_label_key", image=False)
     except Exception as e:  # noqa: BLE001
         raise _fail(path, "label", e) from e
     if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):

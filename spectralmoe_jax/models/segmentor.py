@@ -168,7 +168,7 @@ def split_model(model: Segmentor):
     return nnx.split(model, trainable_filter(), frozen_filter(), ...)
 
 
-def load_backbone(module: VisionTransformer, cfg, where: str) -> None:
+def load_backbone(module: VisionTransformer, cfg) -> None:
     """Fills a frozen backbone from `cfg.checkpoint`: an Orbax directory written by the convert
     mode, or a PyTorch file converted on the fly (released options: patch kernel and position
     table resized to the configured patch and grid, multispectral stem by `cfg.stem`)."""
@@ -195,7 +195,7 @@ def build_segmentor(model_config, seed: int = 0) -> Segmentor:
     for name in FROZEN_PREFIXES:
         module, cfg = getattr(model, name), model_config[name]
         if module is not None and cfg.get("checkpoint"):
-            load_backbone(module, cfg, f"model.{name}")
+            load_backbone(module, cfg)
     if model_config.get("checkpoint"):
         from spectralmoe_jax.conversion.segmentor import load_trained_parts
 

@@ -78,12 +78,6 @@ class Checkpointer:
                 f"could not write checkpoint for step {step} in {self.directory}: {reason}. "
                 f"The last complete checkpoint (step {last}) is untouched.") from error
 
-    def save_metrics(self, step: int, metrics: dict) -> None:
-        """Attaches evaluation metrics to an existing step (used for best-by-mIoU)."""
-        path = os.path.join(self.directory, "eval_metrics.jsonl")
-        with open(path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-
     def restore(self, abstract_state, step: int | None = None):
         """Returns (state, data_state) of `step` (default: the latest) or None if there is none."""
         step = self.manager.latest_step() if step is None else step
