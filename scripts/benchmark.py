@@ -8,6 +8,8 @@ r"""The training step and each of its parts: time, compile time, memory, FLOPs a
 
 Parts (`--parts`, 'all' = every part but 'backbones' and 'fit'):
   matmul     the measured matmul peak (compute dtype, e.g. bf16) that MFU is measured against
+  attention  the VFM's self-attention alone, forward and forward + backward, per kernel
+             (--attention-impls: XLA, cuDNN and Pallas flash attention on a GPU)
   vfm        the frozen VFM forward, and forward + backward to a trainable per-block term (SPEC 4)
   depth      the depth encoder forward (all blocks, no gradient)
   adapter    one adapter layer next to one ViT block (scripts/bench_adapter.py), and the VFM with
@@ -60,7 +62,8 @@ if str(ROOT) not in sys.path:  # run as a file from a checkout without installin
 
 from spectralmoe_jax import config_lib  # noqa: E402
 from spectralmoe_jax.evaluation.runner import make_model_infer, patch_multiple  # noqa: E402
-from spectralmoe_jax.models.attention import resolve_implementation  # noqa: E402
+from spectralmoe_jax.models.attention import (  # noqa: E402
+    dot_product_attention, resolve_implementation)
 from spectralmoe_jax.models.segmentor import Segmentor, split_model  # noqa: E402
 from spectralmoe_jax.training.mask2former_loss import (  # noqa: E402
     mask2former_loss, match_queries, sample_point_draws, semantic_to_targets)
@@ -69,7 +72,7 @@ from spectralmoe_jax.training.train_state import init_train_state, make_train_st
 from spectralmoe_jax.training.trainer import loss_config_from  # noqa: E402
 
 # The step right after the peak: a run cut short by a time limit still has the key figures.
-DEFAULT_PARTS = ("matmul", "step", "eval", "vfm", "depth", "adapter", "decoder", "loss",
+DEFAULT_PARTS = ("matmul", "step", "eval", "vfm", "attention", "depth", "adapter", "decoder", "loss",
                  "optimizer", "input")
 
 
@@ -127,7 +130,9 @@ def jaxpr_flops(jaxpr) -> float:
     XLA's `cost_analysis()` counts a while loop's body once, so for a ViT under `lax.scan` it
     sees one block of 24; the jaxpr knows the trip count. While loops of unknown trip count (the
     matcher's) count once: they hold no matmuls. Recomputation under `jax.checkpoint` is
-    counted (only the deformable sampling is rematerialised, and it has no matmul).
+    counted (only the deformable sampling is rematerialised, and it has no matmul, unless a
+    ViT's `remat` policy is set). Pallas kernels (attention='pallas') are opaque: not counted,
+    see `pallas_calls`.
     """
     total = 0.0
     for eqn in jaxpr.eqns:
@@ -157,6 +162,13 @@ def jaxpr_flops(jaxpr) -> float:
 
 
 # --- measurement -------------------------------------------------------------------------------
+
+def pallas_calls(jaxpr) -> int:
+    """How many Pallas kernels a jaxpr calls (their FLOPs are missing from `jaxpr_flops`)."""
+    return sum((eqn.primitive.name == "pallas_call")
+               + sum(pallas_calls(j) for j in jax_core.jaxprs_in_params(eqn.params))
+               for eqn in jaxpr.eqns)
+
 
 def cost(compiled) -> dict:
     analysis = compiled.cost_analysis()
@@ -253,6 +265,10 @@ class Bench:
                   "memory": memory(compiled)}
         if flops_analytic is not None:
             record["flops_analytic"] = flops_analytic
+        if uncounted := pallas_calls(traced.jaxpr.jaxpr):
+            record["pallas_calls_uncounted"] = uncounted
+            if flops_analytic is not None:  # the closed form does see inside the kernels
+                record["flops_model"] = flops_analytic
         if hlo or self.args.hlo:
             text = compiled.as_text()
             record["hlo"] = hlo_stats(text)
@@ -484,6 +500,36 @@ def part_vfm(b: Bench):
     _vit_pass(b, "vfm_forward", vfm, images)
     hook_params = b.array(jax.random.key(4), (vfm.config.depth, 1, 1, vfm.config.width))
     _vit_pass(b, "vfm_forward_backward", vfm, images, hook_params)
+
+
+def part_attention(b: Bench):
+    """The VFM's self-attention alone, [B, T, heads, head_dim] in the compute dtype, forward and
+    forward + backward, once per `--attention-impls` kernel: issue 7 asks for the fastest."""
+    c = b.model.vfm.config
+    tokens = (b.args.size // c.patch_size) ** 2 + 1 + c.num_register_tokens
+    shape = (b.args.batch, tokens, c.num_heads, c.width // c.num_heads)
+    q, k, v, cotangent = (b.array(jax.random.key(i), shape, c.dtype) for i in range(4))
+    forward_flops = 4.0 * math.prod(shape) * tokens  # q k^T and p v
+    for implementation in b.args.attention_impls:
+        def forward(q, k, v):
+            return dot_product_attention(q, k, v, implementation=implementation)
+
+        def backward(q, k, v, cotangent):
+            _, pullback = jax.vjp(forward, q, k, v)
+            return pullback(cotangent)
+
+        for name, fn, args, flops in (("forward", forward, (q, k, v), forward_flops),
+                                      ("forward_backward", backward, (q, k, v, cotangent),
+                                       3 * forward_flops)):
+            try:  # a kernel that refuses the shape is a finding, not the end of the part
+                record = b.measure(f"attention_{implementation}_{name}", fn, args,
+                                   flops_analytic=flops)
+            except Exception as error:  # noqa: BLE001
+                b.records[f"attention_{implementation}_{name}"] = {
+                    "error": f"{type(error).__name__}: {str(error)[:300]}"}
+                print(f"  attention {implementation} {name}: {type(error).__name__}", flush=True)
+                continue
+            record.update(shape=list(shape), implementation=implementation)
 
 
 def part_depth(b: Bench):
@@ -726,7 +772,7 @@ def part_input(b: Bench):
           f"{result['per_tile']}", flush=True)
 
 
-PARTS = {"matmul": part_matmul, "vfm": part_vfm, "depth": part_depth, "adapter": part_adapter,
+PARTS = {"matmul": part_matmul, "attention": part_attention, "vfm": part_vfm, "depth": part_depth, "adapter": part_adapter,
          "decoder": part_decoder, "loss": part_loss, "optimizer": part_optimizer,
          "step": part_step, "eval": part_eval, "input": part_input,
          "backbones": part_backbones, "fit": part_fit}
@@ -809,6 +855,7 @@ def metadata(args, config) -> dict:
         "size": args.size,
         "dtype": str(config.model.dtype),
         "attention": config.model.vfm.overrides.get("attention", "auto"),
+        "remat": config.model.vfm.overrides.get("remat", "none"),
         "compile_only": args.compile_only,
         "steps": args.steps,
         "warmup": args.warmup,
@@ -827,8 +874,12 @@ def parse_args(argv=None):
                         help=f"'all' or any of {', '.join(PARTS)}")
     parser.add_argument("--steps", type=int, help="timed runs per part (20; 5 with --tiny)")
     parser.add_argument("--warmup", type=int, help="untimed runs first (3; 1 with --tiny)")
-    parser.add_argument("--attention", choices=("auto", "xla", "cudnn"),
+    parser.add_argument("--attention", choices=("auto", "xla", "cudnn", "pallas"),
                         help="override both ViTs' attention implementation")
+    parser.add_argument("--attention-impls", nargs="+", choices=("xla", "cudnn", "pallas"),
+                        help="kernels the 'attention' part compares (xla cudnn pallas on a GPU)")
+    parser.add_argument("--remat", choices=("none", "dots", "full"),
+                        help="override the VFM blocks' remat policy (ViTConfig.remat)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="override model.dtype")
     parser.add_argument("--compile-only", action="store_true",
                         help="lower and compile on abstract inputs; no weights, no timing")
@@ -866,6 +917,10 @@ def main(argv=None):
     if args.attention:
         for name in ("vfm", "depth"):
             config.model[name].overrides["attention"] = args.attention
+    if args.remat:
+        config.model.vfm.overrides["remat"] = args.remat
+    args.attention_impls = args.attention_impls or (
+        ["xla", "cudnn", "pallas"] if jax.default_backend() == "gpu" else ["xla"])
     meta = metadata(args, config)
     print(json.dumps(meta, indent=1), flush=True)
 

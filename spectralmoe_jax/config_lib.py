@@ -18,7 +18,9 @@ NO_DECAY_KEYS = (
 def vfm_config(preset: str = "dinov3_vitl16", **overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         preset=preset,
-        overrides=dict(overrides),
+        # Any ViTConfig field; these two are listed so that the command line can set them
+        # (--config.model.vfm.overrides.remat=dots): the measured choices of issue 7.
+        overrides=dict(dict(attention="auto", remat="none"), **overrides),
         checkpoint="",         # a PyTorch (.pth / .safetensors / ...) or converted Orbax path
         checkpoint_scheme="auto",
         stem="cyclic",         # multispectral stem: 'cyclic' (released) or 'timm' (repeat, rescale)

@@ -16,6 +16,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
                                " --xla_llvm_disable_expensive_passes=true").strip()
 
 import jax
+import jax.extend
 import numpy as np
 import pytest
 
@@ -32,3 +33,19 @@ def relative_error(ours, reference) -> float:
   ours = np.asarray(ours, dtype=np.float64)
   reference = np.asarray(reference, dtype=np.float64)
   return float(np.max(np.abs(ours - reference)) / (np.max(np.abs(reference)) + 1e-12))
+
+
+def primitive_names(fn, *args) -> list[str]:
+    """Every primitive in `fn`'s jaxpr, nested ones (loop and branch bodies, jit) included."""
+
+    def walk(jaxpr):
+        for equation in jaxpr.eqns:
+            yield equation.primitive.name
+            for param in equation.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        yield from walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        yield from walk(sub)
+
+    return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))

@@ -10,7 +10,7 @@ from transformers.models.mask2former import modeling_mask2former as hf
 from spectralmoe_jax.training.mask2former_loss import semantic_to_targets
 from spectralmoe_jax.training.matcher import hungarian_matching, matcher_costs
 from spectralmoe_jax.training.point_sampling import point_sample
-from tests.conftest import relative_error
+from tests.conftest import primitive_names, relative_error
 from tests.test_mask2former_loss import _replay
 
 _batched_matching = jax.jit(jax.vmap(hungarian_matching))
@@ -45,6 +45,27 @@ def test_hungarian_is_optimal(np_rng, num_queries, num_targets, integer_costs):
         best = c[rows, targets[cols]].sum()
         ours = c[q[targets], targets].sum()
         np.testing.assert_allclose(ours, best, rtol=1e-5, atol=tolerance)
+
+
+@pytest.mark.parametrize("size", [12, 24])
+def test_hungarian_long_augmenting_paths(size):
+    """Costs i * j (and their reverse) make every new target re-route all earlier ones: the
+    longest searches and path flips, which the fixed trip counts must still cover."""
+    i, j = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    for cost in (i * j, (size - i) * j, np.abs(i - j) ** 2 - i * j):
+        cost = cost.astype(np.float32)
+        query_index, _ = jax.jit(hungarian_matching)(jnp.asarray(cost), jnp.ones(size, bool))
+        rows, cols = linear_sum_assignment(cost)
+        assert sorted(np.asarray(query_index).tolist()) == list(range(size))
+        assert cost[np.asarray(query_index), np.arange(size)].sum() == cost[rows, cols].sum()
+
+
+def test_hungarian_has_no_data_dependent_control_flow():
+    """No while loop with a computed end and no cond: on a GPU each would read its predicate
+    on the host once per iteration inside the training step."""
+    names = set(primitive_names(hungarian_matching, jnp.zeros((100, 24)), jnp.ones(24, bool)))
+    assert "scan" in names
+    assert not names & {"while", "cond"}, names
 
 
 def test_hungarian_rejects_more_targets_than_queries():

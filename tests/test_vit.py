@@ -244,16 +244,22 @@ def test_presets_and_input_checks():
 
 def test_gradient_reaches_the_hook_through_scanned_remat_blocks():
     """d sum(last patch tokens) / d delta: exactly the batch size (2) for the delta added after
-    the last block (the hook is applied last, once per image), and non-zero through the blocks
-    for the earlier ones."""
-    config = dataclasses.replace(dinov3_config(), remat=True)
-    model = ours_from(dinov3_hf(), config, "hf_dinov3")
+    the last block (the hook is applied last, once per image), non-zero through the blocks for
+    the earlier ones, and the same whatever the blocks' remat policy."""
     images = jnp.asarray(images_of(32, 48, seed=9))
 
-    def loss(deltas):
-        out = model(images, hook=lambda i, patches: (patches + deltas[i], None))
-        return out.layers[-1].sum()
+    def gradients(remat):
+        model = ours_from(dinov3_hf(), dataclasses.replace(dinov3_config(), remat=remat),
+                          "hf_dinov3")
 
-    grads = jax.jit(jax.grad(loss))(jnp.zeros((DEPTH, 96, WIDTH)))
-    np.testing.assert_array_equal(np.asarray(grads[-1]), np.full((96, WIDTH), 2.0))
+        def loss(deltas):
+            out = model(images, hook=lambda i, patches: (patches + deltas[i], None))
+            return out.layers[-1].sum()
+
+        return np.asarray(jax.jit(jax.grad(loss))(jnp.zeros((DEPTH, 96, WIDTH))))
+
+    grads = gradients("none")
+    for remat in ("full", "dots"):
+        np.testing.assert_allclose(gradients(remat), grads, rtol=1e-5, atol=1e-6 * abs(grads).max())
+    np.testing.assert_array_equal(grads[-1], np.full((96, WIDTH), 2.0))
     assert np.all(np.isfinite(grads[0])) and np.abs(grads[0]).max() > 0

@@ -1,9 +1,14 @@
-"""One attention function for every ViT: XLA, or cuDNN flash attention on padded tokens.
+"""One attention function for every ViT: XLA, or a flash attention kernel on padded tokens.
 
 cuDNN's fused kernel rejects sequence lengths such as 1029 (cls + 4 storage + 32x32 patches,
 SPEC section 4), so the 'cudnn' path pads the sequence to a multiple of 128 and passes the true
 lengths (`query_seq_lengths`, `key_value_seq_lengths`): padded keys get no weight and padded query
 rows are cut off, so the padding never changes a result.
+
+'pallas' is the alternative issue 7 asks to measure against cuDNN: jax's own Pallas (Triton)
+flash attention, `jax.experimental.pallas.ops.gpu.attention.mha`, forward and backward kernels,
+on the same padded tokens with segment ids standing in for the true lengths (padding is segment
+0, tokens segment 1). Off the GPU it runs in Pallas' interpreter, slowly: for tests only.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ def resolve_implementation(implementation: str | None, dtype) -> str:
     """Maps None / 'xla' / 'cudnn' / 'auto' to the kernel that will run."""
     if implementation in (None, "xla"):
         return "xla"
-    if implementation == "cudnn":
-        return "cudnn"
+    if implementation in ("cudnn", "pallas"):
+        return implementation
     if implementation == "auto":
         # cuDNN flash attention exists only for half precision on GPU.
         on_gpu = jax.default_backend() == "gpu"
         return "cudnn" if on_gpu and jnp.dtype(dtype) in _CUDNN_DTYPES else "xla"
     raise ValueError(f"unknown attention implementation {implementation!r}: "
-                     "expected None, 'xla', 'cudnn' or 'auto'")
+                     "expected None, 'xla', 'cudnn', 'pallas' or 'auto'")
 
 
 def _pad_axis(x, axis: int, size: int):
@@ -53,17 +58,21 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, implementation: str 
     Args:
       q: [B, T, H, Dh] queries; k, v: [B, S, H, Dh].
       bias, mask: optional, broadcastable to [B, H, T, S].
-      implementation: None or 'xla' (XLA), 'cudnn' (flash attention on padded tokens), 'auto'
-        (cudnn on GPU for bf16/fp16 inputs, XLA otherwise).
+      implementation: None or 'xla' (XLA), 'cudnn' (flash attention on padded tokens), 'pallas'
+        (Pallas flash attention on padded tokens; no bias or mask), 'auto' (cudnn on GPU for
+        bf16/fp16 inputs, XLA otherwise).
       pad_multiple: pad T and S up to this multiple and pass the true lengths. Defaults to 128
-        for cuDNN and to no padding for XLA (set it to exercise the padded path anywhere).
+        for cuDNN and Pallas and to no padding for XLA (set it to exercise the padded path
+        anywhere).
 
     Returns:
       [B, T, H, Dh] in the dtype of q.
     """
     implementation = resolve_implementation(implementation, q.dtype)
     if pad_multiple is None:
-        pad_multiple = 128 if implementation == "cudnn" else 0
+        pad_multiple = 0 if implementation == "xla" else 128
+    if implementation == "pallas":
+        return _pallas_attention(q, k, v, bias=bias, mask=mask, pad_multiple=pad_multiple)
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
     if not pad_multiple:
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
@@ -79,3 +88,25 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, implementation: str 
         implementation=implementation,
     )
     return out[:, :q_len]
+
+
+def _pallas_attention(q, k, v, *, bias, mask, pad_multiple: int):
+    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+    if bias is not None or mask is not None:
+        raise ValueError("implementation='pallas' takes no bias or mask (ViT self-attention only)")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"implementation='pallas' needs self-attention, got {q.shape[1]} query "
+                         f"and {k.shape[1]} key tokens")
+    length = q.shape[1]
+    padded = -(-length // pad_multiple) * pad_multiple
+    block = min(pad_multiple, 128)  # the kernels' tiles must divide the padded length
+    segment_ids = jnp.broadcast_to(jnp.arange(padded) < length, (q.shape[0], padded))
+    out = pallas_attention.mha(
+        *(_pad_axis(x, 1, padded) for x in (q, k, v)),
+        segment_ids=segment_ids.astype(jnp.int32),
+        sm_scale=q.shape[-1] ** -0.5,
+        block_sizes=pallas_attention.BlockSizes(*(block,) * 6),
+        interpret=jax.default_backend() != "gpu",
+    )
+    return out[:, :length]

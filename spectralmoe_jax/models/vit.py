@@ -56,10 +56,19 @@ class ViTConfig:
     mask_k_bias: bool = False  # DINOv3: the key part of the qkv bias is multiplied by 0
     final_norm: bool = True
     dofa_wv_planes: int = 128
-    attention: str | None = "auto"  # 'auto' (cuDNN for bf16 on GPU, else XLA), 'xla', 'cudnn'
+    attention: str | None = "auto"  # 'auto' (cuDNN for bf16 on GPU, else XLA), 'xla', 'cudnn', 'pallas'
     dtype: str = "float32"  # compute dtype
-    remat: bool = False  # recompute each block in the backward pass
+    # Backward-pass memory of the scanned blocks (with the hook): 'none' keeps every residual,
+    # 'dots' keeps only matmul outputs and recomputes the elementwise work between them, 'full'
+    # keeps only each block's input and recomputes the whole block.
+    remat: str = "none"
 
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 _DINOV2 = dict(family="dinov2", patch_size=14, pos_grid=(37, 37), pos_interp_offset=0.1)
 _DINOV2_REG = dict(_DINOV2, num_register_tokens=4, pos_interp_offset=0.0,
@@ -341,8 +350,11 @@ class VisionTransformer(nnx.Module):
                 x = jnp.concatenate([x[:, :num_prefix], patches.astype(x.dtype)], axis=1)
             return x, (patches, aux)
 
-        if cfg.remat:
-            body = jax.checkpoint(body)
+        if cfg.remat not in REMAT_POLICIES:
+            raise ValueError(f"ViTConfig.remat={cfg.remat!r}: expected one of "
+                             f"{sorted(REMAT_POLICIES)}")
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
         tokens, (layers, aux) = jax.lax.scan(
             body, tokens, (block_state, jnp.arange(cfg.depth, dtype=jnp.int32)))
         normed = tokens if self.norm is None else self.norm(tokens)

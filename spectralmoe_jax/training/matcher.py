@@ -21,6 +21,10 @@ from spectralmoe_jax.training.point_sampling import point_sample
 _NONFINITE_COST = 1e15
 
 
+def _where(condition, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
+
+
 def hungarian_matching(cost: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Exact minimum-cost assignment of every valid target to a distinct query.
 
@@ -38,6 +42,10 @@ def hungarian_matching(cost: jax.Array, valid: jax.Array) -> tuple[jax.Array, ja
     `cost - u[target] - v[query]` from a virtual column until it reaches a free query, then flips
     the alternating path. The duals (u, v) stay feasible and tight on matched pairs, which makes
     the final matching optimal. Static shapes, `lax` loops only: jit- and vmap-able.
+
+    Every loop has a fixed trip count (the search and the flip stop changing the state once
+    done) and there is no `lax.cond`: on a GPU, XLA reads a data-dependent loop predicate or a
+    branch index on the host, a synchronisation per iteration inside the training step.
     """
     num_queries, num_targets = cost.shape
     if num_targets > num_queries:
@@ -57,7 +65,7 @@ def hungarian_matching(cost: jax.Array, valid: jax.Array) -> tuple[jax.Array, ja
         owner = owner.at[free_column].set(row)
 
         def search_step(carry):
-            steps, column, used, min_slack, way, u, v = carry
+            column, used, min_slack, way, u, v = carry
             used = used.at[column].set(True)
             r = owner[column]
             slack = cost[r] - u[r] - v
@@ -72,29 +80,33 @@ def hungarian_matching(cost: jax.Array, valid: jax.Array) -> tuple[jax.Array, ja
             u = u.at[owner].add(jnp.where(used, delta, 0.0))
             v = v - jnp.where(used[:num_queries], delta, 0.0)
             min_slack = jnp.where(unused, min_slack - delta, min_slack)
-            return steps + 1, next_column, used, min_slack, way, u, v
+            return next_column, used, min_slack, way, u, v
 
-        def searching(carry):
-            # Until the newest tree column is unassigned: one step per matched target at most
-            # (the step bound only guards against a hang, should the duals ever overflow).
-            steps, column = carry[:2]
-            return (owner[column] != num_targets) & (steps <= num_targets)
+        def search_until_free(_, carry):
+            # A step while the newest tree column is still assigned, then nothing.
+            searching = owner[carry[0]] != num_targets
+            return _where(searching, search_step(carry), carry)
 
-        carry = (jnp.int32(0), jnp.int32(free_column), jnp.zeros(num_queries + 1, bool),
+        carry = (jnp.int32(free_column), jnp.zeros(num_queries + 1, bool),
                  jnp.full(num_queries, jnp.inf, jnp.float32),
                  jnp.full(num_queries, free_column, jnp.int32), u, v)
-        _, column, _, _, way, u, v = lax.while_loop(searching, search_step, search_step(carry))
+        # Each step adds one assigned column to the tree and at most `row` are assigned, so a
+        # free column is reached within T steps after the first.
+        column, _, _, way, u, v = lax.fori_loop(0, num_targets, search_until_free,
+                                                search_step(carry))
 
-        def flip(c):
+        def flip_until_start(_, c):
             column, owner = c
             previous = way[column]
-            return previous, owner.at[column].set(owner[previous])
+            flipped = (previous, owner.at[column].set(owner[previous]))
+            return _where(column != free_column, flipped, c)
 
-        _, owner = lax.while_loop(lambda c: c[0] != free_column, flip, (column, owner))
+        # The path found has at most T + 1 edges.
+        _, owner = lax.fori_loop(0, num_targets + 1, flip_until_start, (column, owner))
         return owner, u, v
 
     def maybe_add_row(row, state):
-        return lax.cond(valid[row], add_row, lambda _, s: s, row, state)
+        return _where(valid[row], add_row(row, state), state)
 
     owner = jnp.full(num_queries + 1, num_targets, jnp.int32)
     u = jnp.zeros(num_targets + 1, jnp.float32)
