@@ -16,7 +16,6 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
                                " --xla_llvm_disable_expensive_passes=true").strip()
 
 import jax
-import jax.extend
 import numpy as np
 import pytest
 
@@ -35,17 +34,18 @@ def relative_error(ours, reference) -> float:
   return float(np.max(np.abs(ours - reference)) / (np.max(np.abs(reference)) + 1e-12))
 
 
+
+def jaxpr_equations(jaxpr):
+    """Every equation of a jaxpr, those of nested jaxprs (scan, checkpoint, pjit bodies) too."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from jaxpr_equations(sub)
+
+
 def primitive_names(fn, *args) -> list[str]:
-    """Every primitive in `fn`'s jaxpr, nested ones (loop and branch bodies, jit) included."""
-
-    def walk(jaxpr):
-        for equation in jaxpr.eqns:
-            yield equation.primitive.name
-            for param in equation.params.values():
-                for sub in param if isinstance(param, (tuple, list)) else (param,):
-                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                        yield from walk(sub.jaxpr)
-                    elif isinstance(sub, jax.extend.core.Jaxpr):
-                        yield from walk(sub)
-
-    return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+    """The primitive of every equation in `fn`'s jaxpr, nested ones included."""
+    return [eqn.primitive.name for eqn in jaxpr_equations(jax.make_jaxpr(fn)(*args).jaxpr)]

@@ -12,14 +12,14 @@ from transformers import Mask2FormerForUniversalSegmentation, SwinConfig
 
 from spectralmoe_jax.conversion.mask2former import load_head
 from spectralmoe_jax.models.mask2former import Mask2FormerConfig, Mask2FormerHead
-from tests.conftest import relative_error
+from tests.conftest import jaxpr_equations, relative_error
 
 IMAGE = (64, 96)  # Swin levels 16x24, 8x12, 4x6, 2x3: non-square, 6 tokens at the coarsest
 CHANNELS = (16, 32, 64, 128)
 TOL = 1e-5
 
 
-def build_hf_model(seed: int = 0) -> Mask2FormerForUniversalSegmentation:
+def build_hf_model(seed: int = 0, decoder_layers: int = 4) -> Mask2FormerForUniversalSegmentation:
     torch.manual_seed(seed)
     backbone = SwinConfig(
         image_size=IMAGE,
@@ -37,7 +37,7 @@ def build_hf_model(seed: int = 0) -> Mask2FormerForUniversalSegmentation:
         encoder_feedforward_dim=96,
         dim_feedforward=80,
         encoder_layers=2,
-        decoder_layers=4,  # HF counts the prediction before the first layer: 3 layers
+        decoder_layers=decoder_layers,  # HF counts the prediction before the first layer: 4 is 3
         num_attention_heads=4,
         num_queries=8,
         num_labels=5,
@@ -217,3 +217,52 @@ def test_bad_features_are_named(head, reference):
         head.pixel_decoder(features[1:])
     with pytest.raises(ValueError, match=r"query_embedding must be \(8, 64\)"):
         nnx.eval_shape(lambda m: m(features, query_embedding=jnp.zeros((7, 64))), head)
+
+
+@pytest.mark.parametrize("layers", [6, 4])
+def test_decoder_rounds_follow_checkpoint_order(layers):
+    """Scanned rounds of three: checkpoint layer i runs in round i // 3 at level i % 3; with 4
+    layers the last one runs after the scan."""
+    model = build_hf_model(decoder_layers=layers + 1)  # HF counts one more than it builds
+    with torch.no_grad():
+        features = model.model.pixel_level_module.encoder(torch.randn(1, 3, *IMAGE)).feature_maps
+        pixel_out = model.model.pixel_level_module.decoder(features)
+        expected = hf_decoder_outputs(
+            model, pixel_out.multi_scale_features, pixel_out.mask_features
+        )
+    head = abstract_head(our_config(decoder_layers=layers))
+    load_head(head, numpy_state_dict(model))
+    classes, masks = run_transformer_decoder(
+        head,
+        [nhwc(m) for m in pixel_out.multi_scale_features],
+        nhwc(pixel_out.mask_features),
+        head.transformer_decoder.query_pos[...],
+    )
+    assert classes.shape == (layers + 1, 1, 8, 6) and masks.shape == (layers + 1, 1, 8, 16, 24)
+    for layer in range(layers + 1):
+        assert relative_error(classes[layer], expected[0][layer]) <= TOL, layer
+        assert relative_error(masks[layer], expected[1][layer]) <= TOL, layer
+
+
+def test_layers_are_scanned():
+    """The traced head holds one encoder layer and one decoder round, whatever the depth."""
+
+    def trace(config):
+        graphdef, state = nnx.split(abstract_head(config))
+        features = [
+            jax.ShapeDtypeStruct((1, IMAGE[0] // s, IMAGE[1] // s, ch), jnp.float32)
+            for s, ch in zip((4, 8, 16, 32), CHANNELS)
+        ]
+        jaxpr = jax.make_jaxpr(lambda s, f: nnx.merge(graphdef, s)(f))(state, features).jaxpr
+        equations = list(jaxpr_equations(jaxpr))
+        scans = [e.params["length"] for e in equations if e.primitive.name == "scan"]
+        return scans, len(equations)
+
+    shallow = trace(our_config(encoder_layers=2, decoder_layers=3))
+    deep = trace(our_config(encoder_layers=6, decoder_layers=9))
+    assert shallow[0] == [2, 1] and deep[0] == [6, 3]  # encoder layers, decoder rounds
+    assert shallow[1] == deep[1]
+    # Layers past the last full round run after the scan.
+    assert trace(our_config(encoder_layers=2, decoder_layers=4))[0] == [2, 1]
+    with pytest.raises(ValueError, match="decoder_layers must be at least 1"):
+        our_config(decoder_layers=0)

@@ -22,7 +22,7 @@ from spectralmoe_jax.models.mask2former.ms_deform_attn import (
 from spectralmoe_jax.models.mask2former.pixel_decoder import reference_points
 from spectralmoe_jax.models.mask2former.position_encoding import sine_position_encoding
 from spectralmoe_jax.models.mask2former.transformer_decoder import attention_mask
-from tests.conftest import relative_error
+from tests.conftest import jaxpr_equations, relative_error
 
 SHAPES = ((5, 7), (3, 4), (2, 3))  # non-square levels, fine to coarse
 
@@ -66,6 +66,21 @@ def test_deformable_sample_gradients_match_torch(np_rng):
     (out * torch.from_numpy(cotangent)).sum().backward()
     for ours, tensor in zip(grads, tensors):
         assert relative_error(ours, tensor.grad.numpy()) <= 1e-5
+
+
+def test_bfloat16_value_gradient_accumulates_in_float32(np_rng):
+    """The gather's transpose, a scatter-add over the value table, runs on float32 rows."""
+    value, locations, weights = _sampling_inputs(np_rng, queries=5)
+    value = jnp.asarray(value, jnp.bfloat16)
+
+    def loss(v):
+        return jnp.sum(deformable_sample(v, SHAPES, locations, weights).astype(jnp.float32))
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(value).jaxpr
+    scatters = [e for e in jaxpr_equations(jaxpr) if e.primitive.name == "scatter-add"]
+    assert scatters and all(e.invars[0].aval.dtype == jnp.float32 for e in scatters)
+    assert jax.grad(loss)(value).dtype == jnp.bfloat16
+    assert deformable_sample(value, SHAPES, locations, weights).dtype == jnp.bfloat16
 
 
 def test_single_tap_is_grid_sample_with_zero_padding(np_rng):

@@ -48,8 +48,14 @@ def _norm(source: str, target: str) -> list[Rule]:
     ]
 
 
-_ENC = r"pixel_decoder/encoder_layers/\1"
-_DEC = r"transformer_decoder/layers/\1"
+def _stacked(*groups: list[Rule]) -> list[Rule]:
+    """Rules of the scanned encoder / decoder layers: the source's layer index (regex group 1)
+    picks the row of the parameter's leading [layers] axis, in checkpoint order."""
+    return [dataclasses.replace(r, target=r.target + "[{layer}]") for g in groups for r in g]
+
+
+_ENC = "pixel_decoder/encoder_layers"
+_DEC = "transformer_decoder/layers"
 _DEFORM = r"(sampling_offsets|attention_weights|value_proj|output_proj)"
 _PROJ = r"(q_proj|k_proj|v_proj|out_proj)"
 
@@ -61,10 +67,12 @@ HF_RULES = [
     Rule(_PD + r"level_embed", "pixel_decoder/level_embed"),
     *_conv(_PD + r"input_projections\.(\d+)\.0", r"pixel_decoder/input_projs/\1/conv"),
     *_norm(_PD + r"input_projections\.(\d+)\.1", r"pixel_decoder/input_projs/\1/norm"),
-    *_linear(_PD + r"encoder\.layers\.(\d+)\.self_attn\." + _DEFORM, _ENC + r"/attn/\2"),
-    *_norm(_PD + r"encoder\.layers\.(\d+)\.self_attn_layer_norm", _ENC + "/attn_norm"),
-    *_linear(_PD + r"encoder\.layers\.(\d+)\.(fc1|fc2)", _ENC + r"/ffn/\2"),
-    *_norm(_PD + r"encoder\.layers\.(\d+)\.final_layer_norm", _ENC + "/ffn_norm"),
+    *_stacked(
+        _linear(_PD + r"encoder\.layers\.(\d+)\.self_attn\." + _DEFORM, _ENC + r"/attn/\2"),
+        _norm(_PD + r"encoder\.layers\.(\d+)\.self_attn_layer_norm", _ENC + "/attn_norm"),
+        _linear(_PD + r"encoder\.layers\.(\d+)\.(fc1|fc2)", _ENC + r"/ffn/\2"),
+        _norm(_PD + r"encoder\.layers\.(\d+)\.final_layer_norm", _ENC + "/ffn_norm"),
+    ),
     # adapter_{i+1} / layer_{i+1} belong to input level i; HF numbers them from 1.
     *[
         rule
@@ -80,11 +88,15 @@ HF_RULES = [
     Rule(_TM + r"queries_embedder\.weight", "transformer_decoder/query_pos"),
     Rule(_TM + r"queries_features\.weight", "transformer_decoder/query_feat"),
     Rule(_TM + r"level_embed\.weight", "transformer_decoder/level_embed"),
-    *_linear(_TM + r"decoder\.layers\.(\d+)\.(self_attn|cross_attn)\." + _PROJ, _DEC + r"/\2/\3"),
-    *_norm(_TM + r"decoder\.layers\.(\d+)\.cross_attn_layer_norm", _DEC + "/cross_norm"),
-    *_norm(_TM + r"decoder\.layers\.(\d+)\.self_attn_layer_norm", _DEC + "/self_norm"),
-    *_linear(_TM + r"decoder\.layers\.(\d+)\.(fc1|fc2)", _DEC + r"/ffn/\2"),
-    *_norm(_TM + r"decoder\.layers\.(\d+)\.final_layer_norm", _DEC + "/ffn_norm"),
+    *_stacked(
+        _linear(
+            _TM + r"decoder\.layers\.(\d+)\.(self_attn|cross_attn)\." + _PROJ, _DEC + r"/\2/\3"
+        ),
+        _norm(_TM + r"decoder\.layers\.(\d+)\.cross_attn_layer_norm", _DEC + "/cross_norm"),
+        _norm(_TM + r"decoder\.layers\.(\d+)\.self_attn_layer_norm", _DEC + "/self_norm"),
+        _linear(_TM + r"decoder\.layers\.(\d+)\.(fc1|fc2)", _DEC + r"/ffn/\2"),
+        _norm(_TM + r"decoder\.layers\.(\d+)\.final_layer_norm", _DEC + "/ffn_norm"),
+    ),
     *_norm(_TM + r"decoder\.layernorm", "transformer_decoder/norm"),
     *_linear(
         _TM + r"decoder\.mask_predictor\.mask_embedder\.(\d)\.0", r"transformer_decoder/mask_mlp/\1"
@@ -99,23 +111,27 @@ MMSEG_RULES = [
     *_conv(_P + r"input_convs\.(\d+)\.conv", r"pixel_decoder/input_projs/\1/conv"),
     *_norm(_P + r"input_convs\.(\d+)\.gn", r"pixel_decoder/input_projs/\1/norm"),
     Rule(_P + r"level_encoding\.weight", "pixel_decoder/level_embed"),
-    *_linear(_P + r"encoder\.layers\.(\d+)\.self_attn\." + _DEFORM, _ENC + r"/attn/\2"),
-    *_linear(_P + r"encoder\.layers\.(\d+)\.ffn\.layers\.0\.0", _ENC + "/ffn/fc1"),
-    *_linear(_P + r"encoder\.layers\.(\d+)\.ffn\.layers\.1", _ENC + "/ffn/fc2"),
-    *_norm(_P + r"encoder\.layers\.(\d+)\.norms\.0", _ENC + "/attn_norm"),
-    *_norm(_P + r"encoder\.layers\.(\d+)\.norms\.1", _ENC + "/ffn_norm"),
+    *_stacked(
+        _linear(_P + r"encoder\.layers\.(\d+)\.self_attn\." + _DEFORM, _ENC + r"/attn/\2"),
+        _linear(_P + r"encoder\.layers\.(\d+)\.ffn\.layers\.0\.0", _ENC + "/ffn/fc1"),
+        _linear(_P + r"encoder\.layers\.(\d+)\.ffn\.layers\.1", _ENC + "/ffn/fc2"),
+        _norm(_P + r"encoder\.layers\.(\d+)\.norms\.0", _ENC + "/attn_norm"),
+        _norm(_P + r"encoder\.layers\.(\d+)\.norms\.1", _ENC + "/ffn_norm"),
+    ),
     # mmdet's forward applies lateral_convs[i] / output_convs[i] to input level i.
     *_conv(_P + r"lateral_convs\.(\d+)\.conv", r"pixel_decoder/lateral_convs/\1/conv"),
     *_norm(_P + r"lateral_convs\.(\d+)\.gn", r"pixel_decoder/lateral_convs/\1/norm"),
     *_conv(_P + r"output_convs\.(\d+)\.conv", r"pixel_decoder/output_convs/\1/conv"),
     *_norm(_P + r"output_convs\.(\d+)\.gn", r"pixel_decoder/output_convs/\1/norm"),
     *_conv(_P + r"mask_feature", "pixel_decoder/mask_proj"),
-    *_linear(_T + r"layers\.(\d+)\.(self_attn|cross_attn)\.attn\." + _PROJ, _DEC + r"/\2/\3"),
-    *_linear(_T + r"layers\.(\d+)\.ffn\.layers\.0\.0", _DEC + "/ffn/fc1"),
-    *_linear(_T + r"layers\.(\d+)\.ffn\.layers\.1", _DEC + "/ffn/fc2"),
-    *_norm(_T + r"layers\.(\d+)\.norms\.0", _DEC + "/cross_norm"),
-    *_norm(_T + r"layers\.(\d+)\.norms\.1", _DEC + "/self_norm"),
-    *_norm(_T + r"layers\.(\d+)\.norms\.2", _DEC + "/ffn_norm"),
+    *_stacked(
+        _linear(_T + r"layers\.(\d+)\.(self_attn|cross_attn)\.attn\." + _PROJ, _DEC + r"/\2/\3"),
+        _linear(_T + r"layers\.(\d+)\.ffn\.layers\.0\.0", _DEC + "/ffn/fc1"),
+        _linear(_T + r"layers\.(\d+)\.ffn\.layers\.1", _DEC + "/ffn/fc2"),
+        _norm(_T + r"layers\.(\d+)\.norms\.0", _DEC + "/cross_norm"),
+        _norm(_T + r"layers\.(\d+)\.norms\.1", _DEC + "/self_norm"),
+        _norm(_T + r"layers\.(\d+)\.norms\.2", _DEC + "/ffn_norm"),
+    ),
     *_norm(_T + r"post_norm", "transformer_decoder/norm"),
     Rule(r"query_embed\.weight", "transformer_decoder/query_pos"),
     Rule(r"query_feat\.weight", "transformer_decoder/query_feat"),

@@ -27,6 +27,7 @@ from flax import nnx
 from spectralmoe_jax.conversion.resize import bicubic_matrix
 from spectralmoe_jax.models import rope as rope_lib
 from spectralmoe_jax.models.attention import dot_product_attention
+from spectralmoe_jax.models.stacking import stacked
 
 Hook = Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]
 
@@ -280,13 +281,8 @@ class VisionTransformer(nnx.Module):
         self.pos_embed = (nnx.Param(init(rngs.params(), (num_positions, width)))
                           if config.position == "learned" else None)
 
-        @nnx.split_rngs(splits=config.depth)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_blocks(rngs):
-            return Block(config, rngs=rngs)
-
-        # One compiled initialiser instead of hundreds of eagerly dispatched ops.
-        self.blocks = nnx.jit(make_blocks)(rngs)  # every parameter has a leading [depth] axis
+        # Every parameter has a leading [depth] axis.
+        self.blocks = stacked(lambda rngs: Block(config, rngs=rngs), config.depth, rngs)
         self.norm = _layer_norm(config, rngs) if config.final_norm else None
 
     @property

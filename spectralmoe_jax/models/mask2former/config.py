@@ -46,6 +46,9 @@ class Mask2FormerConfig:
         for name in ("encoder_heads", "decoder_heads"):
             if d % getattr(self, name):
                 raise ValueError(f"hidden_dim {d} is not divisible by {name} {getattr(self, name)}")
+        for name in ("encoder_layers", "decoder_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if len(self.in_channels) <= self.num_feature_levels:
             raise ValueError(
                 f"in_channels {self.in_channels} must hold more levels than num_feature_levels "

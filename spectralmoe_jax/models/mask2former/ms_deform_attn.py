@@ -70,11 +70,14 @@ def deformable_sample(value, spatial_shapes: Shapes, sampling_locations, attenti
     )
     # Heads first, so each (batch, head) gathers rows of its own [S, Dh] table.
     indices = jnp.moveaxis(indices, 2, 1)  # [B, M, Nq, K]
-    weights = jnp.moveaxis(weights, 2, 1).astype(value.dtype)  # [B, M, Nq, K]
-    table = jnp.moveaxis(value, 2, 1)  # [B, M, S, Dh]
+    weights = jnp.moveaxis(weights, 2, 1)  # [B, M, Nq, K]
+    # Gather from a float32 table: the backward of the gather is a scatter-add into the table,
+    # and in bfloat16 those (atomic, on GPU) adds are slow and round at every tap. The weighted
+    # sum stays float32 and only its result returns to the compute dtype (float32: no change).
+    table = jnp.moveaxis(value, 2, 1).astype(jnp.float32)  # [B, M, S, Dh]
     gathered = jax.vmap(jax.vmap(lambda rows, idx: rows[idx]))(table, indices)  # [B, M, Nq, K, Dh]
     # Multiply-and-sum (not a dot) so XLA fuses the gather into the reduction.
-    out = jnp.sum(gathered * weights[..., None], axis=3)  # [B, M, Nq, Dh]
+    out = jnp.sum(gathered * weights[..., None], axis=3).astype(value.dtype)  # [B, M, Nq, Dh]
     return jnp.moveaxis(out, 1, 2).reshape(batch, num_queries, heads * head_dim)
 
 

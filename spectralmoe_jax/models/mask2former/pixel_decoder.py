@@ -19,6 +19,7 @@ from spectralmoe_jax.models.mask2former.config import Mask2FormerConfig
 from spectralmoe_jax.models.mask2former.layers import FFN, ConvNorm, layer_norm, resize_bilinear
 from spectralmoe_jax.models.mask2former.ms_deform_attn import MultiScaleDeformableAttention
 from spectralmoe_jax.models.mask2former.position_encoding import sine_position_encoding
+from spectralmoe_jax.models.stacking import stacked
 
 
 def reference_points(spatial_shapes: Sequence[tuple[int, int]]) -> jnp.ndarray:
@@ -72,9 +73,9 @@ class PixelDecoder(nnx.Module):
             ]
         )
         self.level_embed = nnx.Param(embedding(rngs.params(), (c.num_feature_levels, d)))
-        self.encoder_layers = nnx.List(
-            [DeformableEncoderLayer(c, rngs=rngs) for _ in range(c.encoder_layers)]
-        )
+        # Every parameter has a leading [encoder_layers] axis: the layers run as one scan.
+        self.encoder_layers = stacked(lambda rngs: DeformableEncoderLayer(c, rngs=rngs),
+                                      c.encoder_layers, rngs)
         # Indexed like the inputs: lateral_convs[0] and output_convs[0] take the stride-4 map.
         self.lateral_convs = nnx.List(
             [
@@ -123,8 +124,12 @@ class PixelDecoder(nnx.Module):
         x = jnp.concatenate(tokens, axis=1)
         pos = jnp.concatenate(pos, axis=0).astype(x.dtype)[None]
         points = reference_points(shapes)
-        for layer in self.encoder_layers:
-            x = layer(x, pos, points, shapes)
+        graphdef, layer_state = nnx.split(self.encoder_layers)
+
+        def body(x, state):
+            return nnx.merge(graphdef, state)(x, pos, points, shapes), None
+
+        x, _ = jax.lax.scan(body, x, layer_state)
 
         outs, start = [], 0
         for h, w in shapes:

@@ -3,10 +3,12 @@
 `Mask2FormerTransformerModule`).
 
 Layer i attends to level i mod 3 of the pixel decoder's multi-scale features (coarsest first),
-restricted to where the previous prediction, resized to that level, has sigmoid >= 0.5.
+restricted to where the previous prediction, resized to that level, has sigmoid >= 0.5. The
+layers run as a `lax.scan` over rounds of one layer per level.
 """
 
 import functools
+import operator
 from collections.abc import Sequence
 
 import jax
@@ -18,6 +20,7 @@ from spectralmoe_jax.models.mask2former import initializers
 from spectralmoe_jax.models.mask2former.config import Mask2FormerConfig
 from spectralmoe_jax.models.mask2former.layers import FFN, layer_norm, linear, resize_bilinear
 from spectralmoe_jax.models.mask2former.position_encoding import sine_position_encoding
+from spectralmoe_jax.models.stacking import stacked
 
 
 class MultiHeadAttention(nnx.Module):
@@ -111,9 +114,10 @@ class MaskedAttentionDecoder(nnx.Module):
         self.level_embed = nnx.Param(
             initializers.embedding(rngs.params(), (c.num_feature_levels, d))
         )
-        self.layers = nnx.List(
-            [MaskedAttentionDecoderLayer(c, rngs=rngs) for _ in range(c.decoder_layers)]
-        )
+        # Every parameter has a leading [decoder_layers] axis, layer i at index i (checkpoint
+        # order); `__call__` views it as [rounds, levels] to scan over rounds.
+        self.layers = stacked(lambda rngs: MaskedAttentionDecoderLayer(c, rngs=rngs),
+                              c.decoder_layers, rngs)
         self.norm = layer_norm(d, dtype=dt, rngs=rngs)
         self.class_head = linear(d, c.num_classes + 1, dtype=dt, rngs=rngs)
         self.mask_mlp = nnx.List([linear(d, d, dtype=dt, rngs=rngs) for _ in range(3)])
@@ -169,12 +173,35 @@ class MaskedAttentionDecoder(nnx.Module):
             x = jnp.broadcast_to(self.query_feat[...], query_pos.shape).astype(c.dtype)
 
         class_logits, mask_logits = self.predict(x, mask_features)
-        all_classes, all_masks = [class_logits], [mask_logits]
-        for i, layer in enumerate(self.layers):
-            level = i % c.num_feature_levels
-            mask = attention_mask(mask_logits, sizes[level])
-            x = layer(x, query_pos, memory[level], memory_pos[level], mask)
-            class_logits, mask_logits = self.predict(x, mask_features)
-            all_classes.append(class_logits)
-            all_masks.append(mask_logits)
-        return jnp.stack(all_classes), jnp.stack(all_masks)
+        levels = c.num_feature_levels
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def round_(carry, round_state):
+            """Layers for levels 0, 1, ... in turn (as many as `round_state` holds)."""
+            x, mask_logits = carry
+            classes, masks = [], []
+            for level in range(jax.tree.leaves(round_state)[0].shape[0]):
+                layer = nnx.merge(graphdef, jax.tree.map(operator.itemgetter(level), round_state))
+                mask = attention_mask(mask_logits, sizes[level])
+                x = layer(x, query_pos, memory[level], memory_pos[level], mask)
+                class_logits, mask_logits = self.predict(x, mask_features)
+                classes.append(class_logits)
+                masks.append(mask_logits)
+            return (x, mask_logits), (jnp.stack(classes), jnp.stack(masks))
+
+        # Layer i is round i // levels at level i % levels. The levels' memories differ in length,
+        # so the scanned unit is a round: one layer per level, the levels unrolled. Layers past
+        # the last full round (decoder_layers not a multiple of the levels) run after the scan.
+        full = c.decoder_layers - c.decoder_layers % levels
+        rounds = jax.tree.map(lambda a: a[:full].reshape(-1, levels, *a.shape[1:]), layer_state)
+        carry, (classes, masks) = jax.lax.scan(round_, (x, mask_logits), rounds)
+        classes, masks = classes.reshape(-1, *classes.shape[2:]), masks.reshape(-1, *masks.shape[2:])
+        if full < c.decoder_layers:
+            _, (last_classes, last_masks) = round_(carry, jax.tree.map(lambda a: a[full:],
+                                                                       layer_state))
+            classes = jnp.concatenate([classes, last_classes])
+            masks = jnp.concatenate([masks, last_masks])
+        # The prediction before the first layer, then one after each layer: [L + 1, ...].
+        classes = jnp.concatenate([class_logits[None], classes])
+        masks = jnp.concatenate([mask_logits[None], masks])
+        return classes, masks
