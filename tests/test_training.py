@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
+from tests.conftest import jaxpr_equations
 from tests.tiny import ROOT, tiny_config
+from spectralmoe_jax.training import mesh as mesh_lib
 from spectralmoe_jax.training.checkpoint import CheckpointError
 from spectralmoe_jax.training.trainer import NonFiniteLossError, Training
 
@@ -49,6 +51,18 @@ def test_resume_is_exact(uninterrupted, tmp_path):
         assert got[step] == expected[step], (step, got[step], expected[step])  # bitwise on CPU
     for a, b in zip(leaves(full.state.params), leaves(resumed.state.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_train_step_is_one_program_without_host_round_trips(uninterrupted):
+    """Layers under scan; no while loop or cond (on a GPU XLA reads their predicates on the
+    host every iteration) and no callback to Python anywhere in the step."""
+    _, training, _, _ = uninterrupted
+    batch = mesh_lib.global_batch(next(training.iterator), training.mesh)
+    jaxpr = jax.make_jaxpr(training.train_step)(training.state, training.frozen, training.rest,
+                                                batch).jaxpr
+    names = [eqn.primitive.name for eqn in jaxpr_equations(jaxpr)]
+    assert "scan" in names
+    assert not {n for n in names if n in ("while", "cond") or "callback" in n}
 
 
 def test_frozen_weights_are_bit_identical_and_trainables_move(uninterrupted):
