@@ -13,6 +13,8 @@ on the same padded tokens with segment ids standing in for the true lengths (pad
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -100,13 +102,17 @@ def _pallas_attention(q, k, v, *, bias, mask, pad_multiple: int):
                          f"and {k.shape[1]} key tokens")
     length = q.shape[1]
     padded = -(-length // pad_multiple) * pad_multiple
-    block = min(pad_multiple, 128)  # the kernels' tiles must divide the padded length
+    # Every tile (forward and backward kernels) at most 128 and dividing the padded length.
+    block = min(pad_multiple, 128)
+    sizes = pallas_attention.BlockSizes.get_default()
+    sizes = dataclasses.replace(sizes, **{field.name: block for field in dataclasses.fields(sizes)
+                                          if field.name.startswith("block_")})
     segment_ids = jnp.broadcast_to(jnp.arange(padded) < length, (q.shape[0], padded))
     out = pallas_attention.mha(
         *(_pad_axis(x, 1, padded) for x in (q, k, v)),
         segment_ids=segment_ids.astype(jnp.int32),
         sm_scale=q.shape[-1] ** -0.5,
-        block_sizes=pallas_attention.BlockSizes(*(block,) * 6),
+        block_sizes=sizes,
         interpret=jax.default_backend() != "gpu",
     )
     return out[:, :length]
