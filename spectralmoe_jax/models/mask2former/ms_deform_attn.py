@@ -125,22 +125,10 @@ class MultiScaleDeformableAttention(nnx.Module):
         self.attention_weights = nnx.Linear(
             dim, num_samples, kernel_init=zeros, bias_init=zeros, dtype=dtype, rngs=rngs
         )
-        self.value_proj = nnx.Linear(
-            dim,
-            dim,
-            kernel_init=initializers.xavier_uniform,
-            bias_init=zeros,
-            dtype=dtype,
-            rngs=rngs,
-        )
-        self.output_proj = nnx.Linear(
-            dim,
-            dim,
-            kernel_init=initializers.xavier_uniform,
-            bias_init=zeros,
-            dtype=dtype,
-            rngs=rngs,
-        )
+        projection = functools.partial(nnx.Linear, dim, dim, kernel_init=initializers.xavier_uniform,
+                                       bias_init=zeros, dtype=dtype, rngs=rngs)
+        self.value_proj = projection()
+        self.output_proj = projection()
 
     def __call__(self, query, value, reference_points, spatial_shapes: Shapes):
         """query [B, Nq, D] (position already added), value [B, S, D],
