@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from spectralmoe_jax.conversion import resize
+from spectralmoe_jax.models import resize
 from spectralmoe_jax.conversion.rules import ConversionError, flatten_state
 from spectralmoe_jax.conversion.vit import (
     convert_state_dict, detect_scheme, load_vit, main, restore_params, save_params)

@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flax import nnx
 
-from spectralmoe_jax.conversion import resize
+from spectralmoe_jax.models import resize
 from spectralmoe_jax.conversion.rules import (
     ConversionError,
     Rule,

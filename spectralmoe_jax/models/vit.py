@@ -24,7 +24,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from spectralmoe_jax.conversion.resize import bicubic_matrix
+from spectralmoe_jax.models.resize import bicubic_matrix
 from spectralmoe_jax.models import rope as rope_lib
 from spectralmoe_jax.models.attention import dot_product_attention
 from spectralmoe_jax.models.stacking import stacked
