@@ -9,8 +9,10 @@ PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.installed" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  # The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  # torch and torchvision as a matching pair first (this machine's disk holds both; a bare
+  # `torch` requirement would download a multi-GB build). timm, open_clip and torchgeo, the
+  # test references, need torchvision, and PyPI's torchvision only loads beside its own torch.
+  "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
   "$VENV/bin/python" -m pip install -q -e ".[test]"
   touch "$VENV/.installed"
 fi
