@@ -23,6 +23,10 @@ Naming schemes (`scheme=`; 'auto' tells them apart by their keys):
 Keys each scheme drops on purpose (mask tokens, heads) are listed in `_IGNORED`; any other key
 that no rule consumes, any parameter left unfilled and any shape mismatch is a ConversionError.
 
+The naming scheme also tells which code the weights were made for, and so how that code resizes
+the position table to other input sizes (SPEC 5.2): `implied_settings(scheme, config)` names the
+ViTConfig fields it implies, `apply_implied_settings` fills those the config leaves unset (None).
+
 Options of the released SpectralMoE `tools/convert_models`: `resize_patch` (patch kernel to
 `config.patch_size`, e.g. 14 -> 16, bicubic), `resize_pos` (learned table to `config.pos_grid`,
 bicubic, align_corners=False), `stem` ('cyclic' as released or 'timm') for `config.in_channels`
@@ -40,8 +44,10 @@ import dataclasses
 import os
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from spectralmoe_jax.models import resize
@@ -274,6 +280,92 @@ def detect_scheme(keys) -> str:
                           f"{sorted(keys)[:8]}...; pass scheme= one of {SCHEMES}")
 
 
+def checkpoint_scheme(state_dict: Mapping[str, Any], scheme: str = "auto", *,
+                      prefix: str = "") -> str:
+    """The naming scheme of the (sub-)checkpoint under `prefix`: `scheme` itself unless 'auto'."""
+    if scheme != "auto":
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; expected 'auto' or one of {SCHEMES}")
+        return scheme
+    return detect_scheme(_select(state_dict, prefix))
+
+
+def _select(state_dict: Mapping[str, Any], prefix: str) -> dict:
+    if not prefix:
+        return dict(state_dict)
+    state = {key[len(prefix):]: value for key, value in state_dict.items()
+             if key.startswith(prefix)}
+    if not state:
+        raise ConversionError(f"no key of the checkpoint starts with prefix {prefix!r}")
+    return state
+
+
+# --- what the weights' origin implies ----------------------------------------------------------
+
+# Where each scheme's weights are run, for the log line.
+_ORIGIN = {"dinov2": "facebookresearch/dinov2", "hf_dinov2": "HF transformers",
+           "promptda": "PromptDA (its copy of facebookresearch/dinov2)",
+           "promptda_hf": "HF transformers (PromptDepthAnything)",
+           "dofa": "the released SpectralMoE DOFA converter", "dinov3": "facebookresearch/dinov3",
+           "hf_dinov3": "HF transformers"}
+
+
+def implied_settings(scheme: str, config: ViTConfig) -> dict[str, Any]:
+    """ViTConfig field values that weights of naming `scheme` imply: the position-table resize of
+    the code they come from (SPEC 5.2). Empty where nothing is implied (RoPE, fixed sin-cos).
+
+    - facebookresearch/dinov2 (`interpolate_pos_encoding`): scale factor (h + 0.1) / M without
+      registers; the register models (hub `*_reg`) pass the output size with antialias.
+    - PromptDA's `torchhub/facebookresearch_dinov2_main`: always (h + 0.1) / M, no antialias.
+    - HF `Dinov2Model` (and PromptDepthAnything's Dinov2Backbone): output size, no antialias;
+      `Dinov2WithRegistersModel`: output size with antialias.
+    - DOFA never resizes at run time (its table must fit); the released converter resizes to
+      the output size without antialias, which is what a size other than the table's gets.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
+    if config.position != "learned" or scheme in ("dinov3", "hf_dinov3"):
+        return {}
+    registers = config.num_register_tokens > 0
+    offset, antialias = {
+        "dinov2": (0.0, True) if registers else (0.1, False),
+        "promptda": (0.1, False),
+        "hf_dinov2": (0.0, registers),
+        "promptda_hf": (0.0, False),
+        "dofa": (0.0, False),
+    }[scheme]
+    return {"pos_interp_offset": offset, "pos_interp_antialias": antialias}
+
+
+def apply_implied_settings(config, implied: Mapping[str, Any], *, origin: str = ""):
+    """`config` (any frozen dataclass) with each implied field set where the config leaves it None.
+
+    A value the user set wins; where it differs from the implied one, the log line says so.
+    Logs one line when anything is implied.
+    """
+    if not implied:
+        return config
+    unset = {name: value for name, value in implied.items() if getattr(config, name) is None}
+    kept = {name: getattr(config, name) for name in implied if name not in unset}
+    parts = [", ".join(f"{name}={value!r}" for name, value in unset.items())] if unset else []
+    differ = [f"{name}={value!r} (the weights imply {implied[name]!r})"
+              for name, value in kept.items() if value != implied[name]]
+    if differ:
+        parts.append("kept as configured: " + ", ".join(differ))
+    if parts:
+        logging.info("%s: %s", origin or type(config).__name__, "; ".join(parts))
+    return dataclasses.replace(config, **unset)
+
+
+def config_for_checkpoint(state_dict: Mapping[str, Any], config: ViTConfig,
+                          scheme: str = "auto", *, prefix: str = "") -> ViTConfig:
+    """`config` with the settings the checkpoint's naming scheme implies filled in (logged)."""
+    scheme = checkpoint_scheme(state_dict, scheme, prefix=prefix)
+    return apply_implied_settings(
+        config, implied_settings(scheme, config),
+        origin=f"ViT weights named {scheme!r}, as {_ORIGIN[scheme]} resizes the position table")
+
+
 # --- options of the released converters --------------------------------------------------------
 
 def _adapt(params: dict, config: ViTConfig, *, resize_patch: bool, resize_pos: bool,
@@ -304,16 +396,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ViTConfig,
     `prefix` selects a sub-model of a larger checkpoint (e.g. 'backbone.' or
     'depth_anything.pretrained.'): keys outside it are ignored, keys inside lose it.
     """
-    state = {key: np.asarray(value) for key, value in state_dict.items()}
-    if prefix:
-        state = {key[len(prefix):]: value for key, value in state.items()
-                 if key.startswith(prefix)}
-        if not state:
-            raise ConversionError(f"no key of the checkpoint starts with prefix {prefix!r}")
-    if scheme == "auto":
-        scheme = detect_scheme(state)
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; expected 'auto' or one of {SCHEMES}")
+    state = {key: np.asarray(value) for key, value in _select(state_dict, prefix).items()}
+    scheme = checkpoint_scheme(state, scheme)
     if _FAMILY[scheme] != config.family:
         raise ConversionError(f"a {scheme!r} checkpoint holds a {_FAMILY[scheme]} ViT, but the "
                               f"config is of family {config.family!r}")
@@ -359,8 +443,16 @@ def load_vit(source, config: ViTConfig, scheme: str = "auto", *, prefix: str = "
     """A VisionTransformer filled from a PyTorch file, a state dict or an Orbax directory.
 
     `allow_missing` / `allow_unexpected` are regular expressions naming our parameter paths that
-    may stay at their initial values / checkpoint keys that may be dropped.
+    may stay at their initial values / checkpoint keys that may be dropped. From a PyTorch
+    checkpoint, the settings its naming implies fill the config's unset fields
+    (`config_for_checkpoint`).
     """
+    is_dir = isinstance(source, (str, os.PathLike)) and os.path.isdir(source)
+    state = None
+    if not is_dir:
+        state = load_state_dict(source) if isinstance(source, (str, os.PathLike)) else source
+        config = config_for_checkpoint(state, config, scheme, prefix=prefix)
+
     def build(rngs):
         return VisionTransformer(config, rngs=rngs)
 
@@ -368,9 +460,8 @@ def load_vit(source, config: ViTConfig, scheme: str = "auto", *, prefix: str = "
     # shapes. Otherwise initialise in one compiled call rather than op by op.
     rngs = rngs or nnx.Rngs(0)
     model = nnx.jit(build)(rngs) if allow_missing else nnx.eval_shape(build, rngs)
-    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+    if is_dir:
         return restore_params(model, source, allow_missing=allow_missing)
-    state = load_state_dict(source) if isinstance(source, (str, os.PathLike)) else source
     params = convert_state_dict(state, config, scheme, prefix=prefix,
                                 allow_unexpected=allow_unexpected, resize_patch=resize_patch,
                                 resize_pos=resize_pos, stem=stem)
@@ -406,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      allow_unexpected=args.allow_unexpected, resize_patch=bool(args.patch_size),
                      resize_pos=bool(args.grid), stem=args.stem)
     save_params(model, args.directory)
-    print(f"wrote {args.directory} ({config})")
+    print(f"wrote {args.directory} ({model.config})")
 
 
 if __name__ == "__main__":

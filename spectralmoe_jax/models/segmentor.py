@@ -171,19 +171,26 @@ def split_model(model: Segmentor):
 def load_backbone(module: VisionTransformer, cfg) -> None:
     """Fills a frozen backbone from `cfg.checkpoint`: an Orbax directory written by the convert
     mode, or a PyTorch file converted on the fly (released options: patch kernel and position
-    table resized to the configured patch and grid, multispectral stem by `cfg.stem`)."""
+    table resized to the configured patch and grid, multispectral stem by `cfg.stem`).
+
+    From a PyTorch file, the settings its naming implies (the position-table resize of the code
+    the weights come from) fill the config fields left unset; explicit overrides win.
+    """
     from spectralmoe_jax.conversion.rules import load_into_module
     from spectralmoe_jax.conversion.torch_io import load_state_dict
-    from spectralmoe_jax.conversion.vit import convert_state_dict, restore_params
+    from spectralmoe_jax.conversion.vit import (
+        config_for_checkpoint, convert_state_dict, restore_params)
 
     path = cfg.checkpoint
     if os.path.isdir(path):
         restore_params(module, path)
         return
-    params = convert_state_dict(
-        load_state_dict(path), module.config, cfg.get("checkpoint_scheme", "auto"),
-        prefix=cfg.get("checkpoint_prefix", ""), resize_patch=True, resize_pos=True,
-        stem=cfg.get("stem", "cyclic"))
+    state = load_state_dict(path)
+    scheme, prefix = cfg.get("checkpoint_scheme", "auto"), cfg.get("checkpoint_prefix", "")
+    # The implied fields change no parameter shape, so the built module takes them as they are.
+    module.config = config_for_checkpoint(state, module.config, scheme, prefix=prefix)
+    params = convert_state_dict(state, module.config, scheme, prefix=prefix, resize_patch=True,
+                                resize_pos=True, stem=cfg.get("stem", "cyclic"))
     load_into_module(module, params)
 
 
