@@ -17,11 +17,14 @@ Naming schemes (`scheme=`; 'auto' tells them apart by their keys):
                 dropped.
 - 'promptda_hf' HF `PromptDepthAnythingForDepthEstimation`: the `backbone.` Dinov2Backbone; neck
                 and head dropped.
-- 'dofa'        zhu-xlab/DOFA `.pth`: timm blocks, `fc_norm` (or `norm`) as the final norm, the
-                dynamic patch embedding by `conversion.dofa_embedding`; with position='sincos' the
-                stored fixed table is dropped (recomputed for the input grid).
-Keys each scheme drops on purpose (mask tokens, heads) are listed in `_IGNORED`; any other key
-that no rule consumes, any parameter left unfilled and any shape mismatch is a ConversionError.
+- 'dofa'        zhu-xlab/DOFA `.pth` and torchgeo's `torchgeo.models.dofa.DOFA` (the same names):
+                timm blocks, `fc_norm` (or `norm`) as the final norm, the dynamic patch embedding
+                by `conversion.dofa_embedding`; with position='sincos' the stored fixed table is
+                dropped (recomputed for the input grid).
+Keys each scheme drops on purpose (mask tokens, heads) are listed in `_IGNORED`; with
+`final_norm=False` the checkpoint's final norm is dropped too (DOFA's pretrained files have none;
+the segmentor never uses it). Any other key that no rule consumes, any parameter left unfilled and
+any shape mismatch is a ConversionError.
 
 The naming scheme also tells which code the weights were made for, and so how that code resizes
 the position table to other input sizes (SPEC 5.2): `implied_settings(scheme, config)` names the
@@ -405,8 +408,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ViTConfig,
     ignored = _IGNORED[scheme]
     if scheme == "dofa" and config.position != "learned":
         ignored += (r"pos_embed",)  # DOFA's fixed sin-cos table is recomputed, not loaded
-    params = apply_rules(state, _RULES[scheme](config),
-                         allow_unexpected=(*ignored, *allow_unexpected))
+    rules = _RULES[scheme](config)
+    if not config.final_norm:  # a final norm in the checkpoint is dropped, not an error
+        ignored += tuple(rule.source for rule in rules if rule.target.startswith("norm/"))
+        rules = [rule for rule in rules if not rule.target.startswith("norm/")]
+    params = apply_rules(state, rules, allow_unexpected=(*ignored, *allow_unexpected))
     return _adapt(params, config, resize_patch=resize_patch, resize_pos=resize_pos, stem=stem)
 
 

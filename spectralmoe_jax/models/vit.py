@@ -108,7 +108,13 @@ PRESETS: dict[str, dict] = {
     # it to patch 16 with a 32 x 32 table (conversion/vit.py) so its tokens align with DINOv3's.
     "promptda_vitl14": dict(_DINOV2, **_L),
     "promptda_vitl16": dict(_DINOV2, **_L) | dict(patch_size=16, pos_grid=(32, 32)),
-    "dofa_vitl16": dict(family="dofa", patch_size=16, position="sincos", layerscale=False, **_L),
+    # DOFA as the released SpectralMoE runs it (`DOFAVisionTransformer`): the pretrained table
+    # (sin-cos values for 14 x 14 patches) resized bicubically to 32 x 32 on conversion
+    # (`tools/convert_models/convert_dofa_depthmoe.py`), no final norm (DOFA's files have
+    # none). position='sincos' instead recomputes the sin-cos table for the input grid: other
+    # values than the resized table (positions 0..31 rather than 0..13 stretched).
+    "dofa_vitl16": dict(family="dofa", patch_size=16, pos_grid=(32, 32), layerscale=False,
+                        final_norm=False, **_L),
 }
 
 
