@@ -6,7 +6,8 @@
      the segmentor abstractly (`nnx.eval_shape`: shapes only, nothing allocated);
   3. convert every checkpoint against that model, checking names and shapes;
   4. initialise only what no checkpoint fills, in one compiled call whose unused initialisers
-     XLA drops, directly into each parameter's sharding when a mesh is given.
+     XLA drops, directly into each parameter's sharding when a mesh is given; checkpoint arrays
+     are placed shard by shard (each device receives only its slice).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flax import nnx
 from spectralmoe_jax.conversion import load
 from spectralmoe_jax.conversion.rules import ConversionError, check_params, flatten_state
 from spectralmoe_jax.models.segmentor import Segmentor, SegmentorConfig
+from spectralmoe_jax.sharding import flat_variables
 
 PARTS = ("vfm", "depth")  # frozen backbones with their own weights
 
@@ -39,8 +41,8 @@ def build_segmentor(model_section, *, seed: int = 0, trained: str | None = None,
 
     trained: where the adapter and head come from, overriding `model.checkpoint` (a released
       `.pth`, a converted folder, a run's workdir or step folder).
-    sharding: (path, abstract leaf) -> jax.sharding.Sharding for every parameter; None keeps
-      everything on the default device.
+    sharding: (path, abstract Variable) -> jax.sharding.Sharding for every parameter
+      (`sharding.param_sharding`); None keeps everything on the default device.
     require_trained: a missing trained source is an error (evaluation and prediction).
     """
     opened: dict[str, load.Opened] = {}
@@ -94,25 +96,22 @@ def materialise(config: SegmentorConfig, seed: int, abstract: Segmentor,
     """The abstract model with `filled` arrays and every other variable initialised as
     `Segmentor(config, rngs=nnx.Rngs(seed))` would (the same random values)."""
     graphdef, state = nnx.split(abstract)
-    leaves = flatten_state(state)
-    place = sharding or (lambda path, leaf: None)
-    shardings = {path: place(path, leaf) for path, leaf in leaves.items()}
-    todo = sorted(set(leaves) - set(filled))
-
-    def initialise():
-        fresh = flatten_state(nnx.state(Segmentor(config, rngs=nnx.Rngs(seed))))
-        return {path: fresh[path] for path in todo}
-
+    variables = flat_variables(state)
+    place = sharding or (lambda path, variable: None)
+    shardings = {path: place(path, variable) for path, variable in variables.items()}
+    todo = sorted(set(variables) - set(filled))
     initialised = {}
     if todo:
-        out = None if sharding is None else {path: shardings[path] for path in todo}
-        initialised = jax.jit(initialise, out_shardings=out)()
+        initialised = initialiser(config, seed, todo, shardings if sharding else None)()
     values = dict(initialised)
     for path, array in filled.items():
-        leaf = leaves[path]
-        array = np.asarray(array, dtype=leaf.dtype)
-        values[path] = (jax.device_put(array, shardings[path]) if shardings[path] is not None
-                        else jax.numpy.asarray(array))
+        array = np.asarray(array, dtype=variables[path].dtype)
+        target = shardings[path]
+        if target is None:
+            values[path] = jax.numpy.asarray(array)
+        else:  # each device receives only its slice, also across processes
+            values[path] = jax.make_array_from_callback(
+                array.shape, target, lambda index, array=array: array[index])
 
     def fill(path, leaf):
         return values["/".join(str(getattr(p, "key", p)) for p in path)]
@@ -120,6 +119,20 @@ def materialise(config: SegmentorConfig, seed: int, abstract: Segmentor,
     pure = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
+
+
+def initialiser(config: SegmentorConfig, seed: int, paths, shardings=None):
+    """The jitted initialisation of `paths` ('vfm/blocks/...'): each parameter comes into being
+    in its sharding (`shardings[path]`), none on one device first. `.lower().compile()` of it
+    gives the creation's per-device memory without running it."""
+    paths = list(paths)
+
+    def initialise():
+        fresh = flatten_state(nnx.state(Segmentor(config, rngs=nnx.Rngs(seed))))
+        return {path: fresh[path] for path in paths}
+
+    out = None if shardings is None else {path: shardings[path] for path in paths}
+    return jax.jit(initialise, out_shardings=out)
 
 
 def abstract_segmentor(model_section, seed: int = 0) -> Segmentor:

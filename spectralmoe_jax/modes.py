@@ -39,12 +39,13 @@ def fresh(path: str) -> str:
 
 
 def _mesh_and_model(run, *, trained=None, require_trained=False):
+    """The mesh of `run.mesh` and the model built into it, every parameter placed as the
+    strategy's rule table says (`sharding.py`)."""
+    from spectralmoe_jax import sharding
     from spectralmoe_jax.build import build_segmentor
-    from spectralmoe_jax.models.segmentor import is_trainable
-    from spectralmoe_jax.training import mesh as mesh_lib
 
-    mesh = mesh_lib.make_mesh(run.mesh)
-    place = mesh_lib.param_sharding(mesh, run.mesh.fsdp, lambda path: not is_trainable(path.split("/")))
+    mesh = sharding.make_mesh(run.mesh)
+    place = sharding.param_sharding(mesh, run.mesh.strategy)
     return mesh, build_segmentor(run.model, seed=run.seed, trained=trained, sharding=place,
                                  require_trained=require_trained)
 
@@ -114,17 +115,25 @@ def eval(run, paths: Paths):  # noqa: A001 - the mode's name
     out = fresh(paths.output_in("eval", os.path.join("eval", f"step_{step}")))
     record = Evaluator(run).evaluate(built.model, out, step=step, report=run.eval.report)
     record = dict(record, checkpoint=built.loaded.get("trained", "untrained"), step=step)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"metrics: {os.path.join(out, 'metrics.json')}")
+    import jax
+
+    if jax.process_index() == 0:  # every process holds the same metrics; one writes them
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"metrics: {os.path.join(out, 'metrics.json')}")
     return record
 
 
 def predict(run, paths: Paths):
     from spectralmoe_jax.evaluation.runner import predict_paths
 
+    import jax
+
     if not paths.input:
         raise UserError("--mode predict needs --input: a GeoTIFF scene or a folder of them")
+    if jax.process_count() > 1:
+        raise UserError("--mode predict runs in one process: start it without "
+                        "--config.distributed")
     built = _inference_model(run, paths, "predict")
     return predict_paths(built.model, run, paths.input,
                          fresh(paths.output_in("predict", "predictions")))

@@ -84,9 +84,12 @@ class PredictConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # devices along the batch axis; -1: all the model axis leaves
-    model: int = 1  # devices per model group (FSDP of the frozen backbones)
-    fsdp: bool = False  # shard frozen weights over `model`
+    """The device mesh: a strategy's rule table (`sharding.STRATEGIES`) and its axis sizes."""
+    strategy: str = "dp"  # 'dp' | 'fsdp' | 'tensor' | 'expert'
+    data: int = -1  # devices along the batch axis; -1: all the other axes leave
+    fsdp: int = 1  # devices the weights' width axis is split over (strategies fsdp, tensor)
+    tensor: int = 1  # devices MLP and attention projections are split over (strategy tensor)
+    expert: int = 1  # devices the adapter's experts are split over (strategy expert)
 
 
 @dataclasses.dataclass(frozen=True)

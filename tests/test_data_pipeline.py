@@ -73,16 +73,42 @@ def test_resume_from_state(config):
         pipeline.make_train_iterator(config, seed=8, batch_size=2).set_state(state)
 
 
-def test_processes_hold_interleaved_slices_of_the_global_batch(config):
+def test_processes_hold_contiguous_slices_of_the_one_process_batch(config):
+    """Process p of P holds rows [p b, (p + 1) b) of the batch one process reading P b gets,
+    augmentation included: the global batch is the same row for row."""
     whole = take(pipeline.make_train_iterator(config, seed=3, batch_size=4), 2)
     shards = [take(pipeline.make_train_iterator(config, seed=3, batch_size=2, process_index=p,
                                                 process_count=2), 2) for p in (0, 1)]
     for step in range(2):
         for key in ("image", "label"):
-            interleaved = np.empty_like(whole[step][key])
-            interleaved[0::2] = shards[0][step][key]
-            interleaved[1::2] = shards[1][step][key]
-            np.testing.assert_array_equal(interleaved, whole[step][key])
+            joined = np.concatenate([shards[0][step][key], shards[1][step][key]])
+            np.testing.assert_array_equal(joined, whole[step][key])
     with pytest.raises(DataError, match="process_index 2"):
         pipeline.make_train_iterator(config, seed=3, batch_size=2, process_index=2,
                                      process_count=2)
+
+
+def test_state_resumes_at_another_process_count(config):
+    """The state is a position in the stream all processes share: saved by two processes, it
+    resumes in one, and saved by one, in two, with the same global batches."""
+    reference = take(pipeline.make_train_iterator(config, seed=4, batch_size=4), 5)
+    halves = [pipeline.make_train_iterator(config, seed=4, batch_size=2, process_index=p,
+                                           process_count=2) for p in (0, 1)]
+    for half in halves:
+        take(half, 3)
+    state = halves[0].get_state()
+    assert state == halves[1].get_state() == {"position": 12, "seed": 4}
+    one = pipeline.make_train_iterator(config, seed=4, batch_size=4)
+    one.set_state(state)
+    assert_same_batches(take(one, 2), reference[3:])
+    assert one.get_state() == {"position": 20, "seed": 4}
+    parts = []
+    for p in (0, 1):
+        half = pipeline.make_train_iterator(config, seed=4, batch_size=2, process_index=p,
+                                            process_count=2)
+        half.set_state({"position": 8, "seed": 4})
+        parts.append(take(half, 3))
+    for step in range(3):
+        for key in ("image", "label"):
+            joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
+            np.testing.assert_array_equal(joined, reference[2 + step][key])

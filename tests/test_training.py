@@ -15,7 +15,7 @@ from flax import nnx
 from tests.conftest import jaxpr_equations
 from tests.tiny import ROOT, tiny_config, tiny_training
 from spectralmoe_jax.io.checkpoint import CheckpointError
-from spectralmoe_jax.training import mesh as mesh_lib
+from spectralmoe_jax import sharding
 from spectralmoe_jax.training.trainer import NonFiniteLossError
 
 
@@ -58,7 +58,7 @@ def test_train_step_is_one_program_without_host_round_trips(uninterrupted):
     """Layers under scan; no while loop or cond (on a GPU XLA reads their predicates on the
     host every iteration) and no callback to Python anywhere in the step."""
     _, training, _, _ = uninterrupted
-    batch = mesh_lib.global_batch(next(training.iterator), training.mesh)
+    batch = sharding.global_batch(next(training.iterator), training.mesh, training.strategy)
     jaxpr = jax.make_jaxpr(training.train_step)(training.state, training.frozen, training.rest,
                                                 batch).jaxpr
     names = [eqn.primitive.name for eqn in jaxpr_equations(jaxpr)]
@@ -137,14 +137,14 @@ ONE_STEP_SCRIPT = textwrap.dedent("""
     from tests.tiny import tiny_config
     from spectralmoe_jax.modes import start_training
     from spectralmoe_jax.run_config import parse
-    from spectralmoe_jax.training import mesh as mesh_lib
+    from spectralmoe_jax import sharding
     from spectralmoe_jax.training.train_state import make_loss_fn
 
     config = tiny_config(batch_size=8, num_steps=1)
     config.mesh.data = devices  # the batch of 8 split over `devices` data shards
     run = parse(config)
     training = start_training(run, sys.argv[2])
-    batch = mesh_lib.global_batch(next(training.iterator), training.mesh)
+    batch = sharding.global_batch(next(training.iterator), training.mesh, training.strategy)
     # The step's objective and its gradient, with the batch sharded over the mesh: the AdamW
     # update after it is elementwise, so equal gradients make equal steps.
     loss_fn = make_loss_fn(training.graphdef, num_classes=run.data.num_classes,

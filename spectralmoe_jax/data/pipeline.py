@@ -1,13 +1,16 @@
-"""The grain input pipeline: shuffled, repeated, augmented, sharded per JAX process, batched.
+"""The grain input pipeline: shuffled, repeated, augmented, batched, sharded per JAX process.
 
 Element order and augmentation depend only on the seed: grain's `random_map` seeds each
 element's generator from (seed, position in the repeated stream), worker processes each take
-a slice of that stream and their outputs are interleaved back in order, and batching happens
-after the workers. So batches are identical whatever `num_workers`, and
-`get_state()`/`set_state()` resume exactly.
+a slice of the stream of batches and their outputs are interleaved back in order. So batches
+are identical whatever `num_workers`, and `get_state()`/`set_state()` resume exactly.
 
-Process p of P takes stream positions p, p + P, p + 2P, ...: step k of the global batch is
-positions [k B P, (k + 1) B P) of one shuffled stream, each process holding B of them.
+One stream serves every process count: the stream is cut into batches of B (this process's
+share) before each process takes its own, batches p, p + P, p + 2P, ... So global step k is
+stream positions [k B P, (k + 1) B P) in order, process p holding rows [p B, (p + 1) B) of it:
+the same global batch, row for row, as one process reading B P (anything keyed by row position,
+the gate noise or the point sampling, then agrees too). The iterator's state is the position
+in that one stream, so a checkpoint resumes at another process count with the same global batch.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ def make_source(config, split: str):
 def train_dataset(data_config, *, seed: int, batch_size: int, process_index: int = 0,
                   process_count: int = 1, num_workers: int = 0, num_threads: int = 2,
                   split: str = "source", start: int = 0) -> grain.IterDataset:
-    """The training pipeline as a grain `IterDataset`, from element `start` of this process's
-    stream; `batch_size` is per process."""
+    """The training pipeline as a grain `IterDataset` of this process's batches, from element
+    `start` of the stream all processes share; `batch_size` is per process."""
     if not 0 <= process_index < process_count:
         raise DataError(f"process_index {process_index} is outside 0..{process_count - 1}")
     if batch_size < 1:
@@ -46,8 +49,8 @@ def train_dataset(data_config, *, seed: int, batch_size: int, process_index: int
           .shuffle()                 # a new order every epoch (seed folded with the epoch)
           .repeat(None)
           .random_map(TrainTransform(spec)))
-    ds = ds[process_index::process_count][start:]
-    buffer = 2 * batch_size
+    ds = ds[start:].batch(batch_size, drop_remainder=True)[process_index::process_count]
+    buffer = max(2, num_threads)  # batches in flight: one per reading thread at least
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                               prefetch_buffer_size=buffer))
     if num_workers > 0:
@@ -57,27 +60,28 @@ def train_dataset(data_config, *, seed: int, batch_size: int, process_index: int
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                          per_worker_buffer_size=buffer))
-    return ds.batch(batch_size, drop_remainder=True)
+    return ds
 
 
 class TrainIterator(grain.DatasetIterator):
-    """Checkpointable batch iterator whose state is the number of elements this process has
-    consumed: `{"position": n, "seed": s}`. It restores exactly with any `num_workers` or
-    `batch_size`, since the stream before batching depends only on the seed."""
+    """Checkpointable batch iterator whose state is the number of stream elements all processes
+    together have consumed: `{"position": n, "seed": s}`. It restores exactly with any
+    `num_workers`, and at any process count and batch split, since the stream depends only on
+    the seed."""
 
-    def __init__(self, make_dataset, seed: int, batch_size: int):
+    def __init__(self, make_dataset, seed: int, global_batch_size: int):
         self._iterator = None        # `close` runs on garbage collection even if this raises
         first = make_dataset(0)
         super().__init__()
         self._make_dataset = make_dataset
         self._seed = seed
-        self._batch_size = batch_size
+        self._global_batch_size = global_batch_size
         self._position = 0
         self._iterator = iter(first)
 
     def __next__(self) -> dict:
         batch = next(self._iterator)
-        self._position += self._batch_size
+        self._position += self._global_batch_size
         return batch
 
     def get_state(self) -> dict:
@@ -100,7 +104,8 @@ def make_train_iterator(data_config, *, seed: int, batch_size: int, process_inde
                         process_count: int = 1, num_workers: int = 0, num_threads: int = 2,
                         split: str = "source") -> TrainIterator:
     """Endless iterator of `{"image": float32 [B, H, W, C], "label": int32 [B, H, W]}` with
-    B = `batch_size` (this process's share of the global batch) and (H, W) = crop size.
+    B = `batch_size` (this process's share of the global batch B x `process_count`) and
+    (H, W) = crop size.
 
     `num_workers` > 0 runs the reading and augmentation in that many processes;
     `num_threads` threads read in each process. `get_state()` is a small dict to store with
@@ -112,7 +117,7 @@ def make_train_iterator(data_config, *, seed: int, batch_size: int, process_inde
                              num_workers=num_workers, num_threads=num_threads, split=split,
                              start=start)
 
-    return TrainIterator(make_dataset, seed, batch_size)
+    return TrainIterator(make_dataset, seed, batch_size * process_count)
 
 
 class EvalSource:

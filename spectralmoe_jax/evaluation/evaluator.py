@@ -47,7 +47,7 @@ def _count_fn(num_classes: int, ignore_index: int):
 def evaluate(infer_fn: Callable[[jax.Array], jax.Array], examples: Iterable[dict], *,
              num_classes: int, ignore_index: int = 255, mean: Sequence[float] | None = None,
              std: Sequence[float] | None = None, samples_per_domain: int = 0,
-             progress: bool = False) -> Evaluation:
+             progress: bool = False, allow_empty: bool = False) -> Evaluation:
     """Runs `infer_fn` on every example and counts confusion matrices per example 'domain'.
 
     Examples are dicts {'image': [H, W, C], 'label': [H, W] int, 'name', 'domain'} (a data
@@ -55,6 +55,7 @@ def evaluate(infer_fn: Callable[[jax.Array], jax.Array], examples: Iterable[dict
     are given. Examples without 'domain' count under 'overall'. The argmax and the confusion
     matrix are computed on the device; only [K, K] counts come back per example. The first
     `samples_per_domain` examples of each domain are kept (input, label, prediction).
+    `allow_empty`: no examples is no error (a process whose share of a small set is empty).
     """
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
@@ -91,6 +92,32 @@ def evaluate(infer_fn: Callable[[jax.Array], jax.Array], examples: Iterable[dict
             samples.append({"image": image, "label": label, "pred": np.asarray(pred),
                             "name": str(example.get("name", "")), "domain": domain})
     flush()
-    if not confusion.matrices:
+    if not confusion.matrices and not allow_empty:
         raise ValueError("no examples to evaluate")
     return Evaluation(confusion, samples)
+
+
+def process_share(count: int) -> range:
+    """The examples this process evaluates: p, p + P, p + 2P, ... of `count`."""
+    return range(jax.process_index(), count, jax.process_count())
+
+
+def sum_over_processes(confusion: ConfusionAccumulator,
+                       domains: Sequence[str]) -> ConfusionAccumulator:
+    """Every process's confusion matrices summed, per domain in the order of `domains` (all
+    processes pass the same list); a collective: every process calls it, each gets the total.
+    """
+    if jax.process_count() == 1:
+        return confusion
+    from jax.experimental import multihost_utils
+
+    k = confusion.num_classes
+    local = np.stack([confusion.matrices.get(d, np.zeros((k, k), np.int64)) for d in domains])
+    # jax's 32-bit default: int64 counts travel as two uint32 words.
+    words = np.stack([local & 0xFFFFFFFF, local >> 32]).astype(np.uint32)
+    gathered = np.asarray(multihost_utils.process_allgather(words)).astype(np.int64)
+    total = (gathered[:, 0] + (gathered[:, 1] << 32)).sum(axis=0)
+    merged = ConfusionAccumulator(k, confusion.ignore_index)
+    for domain, conf in zip(domains, total):
+        merged.add(conf, domain)
+    return merged

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spectralmoe_jax import sharding
 from spectralmoe_jax.evaluation import metrics as metrics_lib
 from spectralmoe_jax.evaluation import visualize
-from spectralmoe_jax.evaluation.evaluator import evaluate
+from spectralmoe_jax.evaluation.evaluator import evaluate, process_share, sum_over_processes
 from spectralmoe_jax.evaluation.inference import make_infer_fn
 from spectralmoe_jax.models.mask2former import semantic_inference
 
@@ -75,7 +76,12 @@ def _routing_fn(graphdef):
 class Evaluator:
     """Per-domain mIoU / mAcc / IoU of a model on `eval.split`, with the confusion matrix and
     report written to a folder. It returns the metrics: the run's one metric writer records
-    them."""
+    them.
+
+    With several processes, each evaluates its share of the tiles (p, p + P, ...) with its own
+    copy of the model, the confusion matrices are summed over processes, and process 0 writes
+    (its own tiles give the report's samples); every process returns the same metrics.
+    """
 
     def __init__(self, run):
         self.config = run
@@ -93,20 +99,28 @@ class Evaluator:
     def evaluate(self, model, out_dir: str, *, step: int = 0, report: bool = True) -> dict:
         data = self.config.data
         graphdef, state = nnx.split(model)
+        state = sharding.process_local(state)  # the same arrays in a single process
         if self._infer is None or self._infer[0] != graphdef:
             self._infer = graphdef, make_model_infer(graphdef, self.config.eval, patch_multiple(model))
         infer = functools.partial(self._infer[1], state)
-        result = evaluate(infer, self.source, num_classes=data.num_classes,
+        source, lead = self.source, jax.process_index() == 0
+        share = (source[i] for i in process_share(len(source)))
+        result = evaluate(infer, share, num_classes=data.num_classes,
                           ignore_index=data.ignore_index,
-                          samples_per_domain=2 if report else 0, progress=True)
+                          samples_per_domain=2 if report and lead else 0, progress=lead,
+                          allow_empty=jax.process_count() > 1)
+        result.confusion = sum_over_processes(result.confusion,
+                                              list(dict.fromkeys(source.domains)))
         results = result.results()
         names = list(data.class_names)
-        print(metrics_lib.format_table(results, names))
         record = metrics_lib.metrics_record(results, names)
+        if not lead:
+            return record
+        print(metrics_lib.format_table(results, names))
         os.makedirs(out_dir, exist_ok=True)
         metrics_lib.save_confusion(result.confusion.overall(), os.path.join(out_dir, "confusion"), names)
         if report:
-            self.write_report(model, result, out_dir, step)
+            self.write_report(nnx.merge(graphdef, state), result, out_dir, step)
         return record
 
     def write_report(self, model, result, out_dir: str, step: int) -> str:

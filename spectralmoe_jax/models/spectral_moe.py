@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spectralmoe_jax import sharding
+
 KINDS = ("spectral_moe", "rein")
 FUSIONS = ("attention", "diagonal", "add")
 BALANCE_TERMS = ("importance", "load")
@@ -245,12 +247,16 @@ def expert_coordinates(f: jax.Array, gates: jax.Array, a: jax.Array, b: jax.Arra
     attention mass on A_e[1:] per expert, then the total mass (the coefficient of b_T).
     """
     dtype = f.dtype
+    # On a mesh with an expert axis each device computes its experts (the parameters' layout
+    # alone partitions these einsums; the constraints pin it).
     projected = jnp.einsum("bnd,erd->bner", f, b.astype(dtype))
+    projected = sharding.constrain(projected, "batch", None, "experts", None)
     logits = jnp.einsum("bner,emr->bnem", projected, a.astype(dtype))
     logits = logits.astype(jnp.float32) / math.sqrt(f.shape[-1])
     attn = jax.nn.softmax(logits, axis=-1)[..., 1:] * gates[..., None]
     attn = attn.astype(dtype)
     mixed = jnp.einsum("bnem,emr->bner", attn, a[:, 1:].astype(dtype))
+    mixed = sharding.constrain(mixed, "batch", None, "experts", None)
     mass = jnp.sum(attn, axis=(-2, -1))[..., None]
     return jnp.concatenate([mixed.reshape(*mixed.shape[:2], -1), mass], axis=-1)
 
@@ -302,12 +308,15 @@ class SpectralMoE(nnx.Module):
         else:
             # DepthMoE: kaiming_uniform(a=sqrt 5) on A [m, r] (fan_in r), zeros on B.
             init_a, init_b = _uniform(1.0 / math.sqrt(r)), jax.nn.initializers.zeros
-        self.experts_a = nnx.Param(init_a(rngs.params(), (layers, sets, m, r)))
-        self.experts_b = nnx.Param(init_b(rngs.params(), (layers, sets, r, d)))
+        self.experts_a = nnx.Param(init_a(rngs.params(), (layers, sets, m, r)),
+                                   **sharding.axes("layers", "experts", None, None))
+        self.experts_b = nnx.Param(init_b(rngs.params(), (layers, sets, r, d)),
+                                   **sharding.axes("layers", "experts", None, "embed"))
         if c.routed:
             gate_shape = (layers, c.num_gates, d, c.num_experts)
-            self.w_gate = nnx.Param(jnp.zeros(gate_shape))
-            self.w_noise = nnx.Param(jnp.zeros(gate_shape))
+            gate_axes = sharding.axes("layers", None, "embed", "experts")
+            self.w_gate = nnx.Param(jnp.zeros(gate_shape), **gate_axes)
+            self.w_noise = nnx.Param(jnp.zeros(gate_shape), **gate_axes)
         self.scale = nnx.Param(jnp.asarray(c.scale_init, jnp.float32))
         self.mlp_token2feat = _torch_linear(d, d, c.dtype, rngs)
         self.mlp_delta_f = _torch_linear(d, d, c.dtype, rngs)

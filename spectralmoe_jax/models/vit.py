@@ -24,6 +24,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
+from spectralmoe_jax import sharding
 from spectralmoe_jax.models.resize import bicubic_matrix
 from spectralmoe_jax.models import rope as rope_lib
 from spectralmoe_jax.models.attention import dot_product_attention
@@ -169,9 +170,12 @@ def interpolate_pos_embed(table: jax.Array, source: tuple[int, int], target: tup
 
 # --- blocks ------------------------------------------------------------------------------------
 
-def _linear(config: ViTConfig, d_in: int, d_out: int, rngs: nnx.Rngs, use_bias: bool = True):
+def _linear(config: ViTConfig, d_in: int, d_out: int, rngs: nnx.Rngs, use_bias: bool = True,
+            names: tuple[str, str] = (None, None)):
+    """`names`: the logical axes of the kernel [in, out] (`sharding.py`)."""
     return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=config.dtype,
-                      kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
+                      kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs,
+                      kernel_metadata=sharding.axes(*names), bias_metadata=sharding.axes(names[1]))
 
 
 def _layer_norm(config: ViTConfig, rngs: nnx.Rngs):
@@ -185,8 +189,9 @@ class Attention(nnx.Module):
 
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.qkv = _linear(config, config.width, 3 * config.width, rngs, use_bias=config.qkv_bias)
-        self.proj = _linear(config, config.width, config.width, rngs)
+        self.qkv = _linear(config, config.width, 3 * config.width, rngs, use_bias=config.qkv_bias,
+                           names=("embed", "qkv"))
+        self.proj = _linear(config, config.width, config.width, rngs, names=("heads", "embed"))
 
     def __call__(self, x, rope, num_prefix: int):
         cfg = self.config
@@ -207,8 +212,8 @@ class Attention(nnx.Module):
 
 class Mlp(nnx.Module):
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
-        self.fc1 = _linear(config, config.width, config.mlp_dim, rngs)
-        self.fc2 = _linear(config, config.mlp_dim, config.width, rngs)
+        self.fc1 = _linear(config, config.width, config.mlp_dim, rngs, names=("embed", "mlp"))
+        self.fc2 = _linear(config, config.mlp_dim, config.width, rngs, names=("mlp", "embed"))
 
     def __call__(self, x):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
@@ -218,9 +223,9 @@ class SwiGLU(nnx.Module):
     """w3(silu(w1 x) * w2 x): dinov3 `SwiGLUFFN`, HF gate/up/down, dinov2's fused w12 split."""
 
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
-        self.w1 = _linear(config, config.width, config.mlp_dim, rngs)
-        self.w2 = _linear(config, config.width, config.mlp_dim, rngs)
-        self.w3 = _linear(config, config.mlp_dim, config.width, rngs)
+        self.w1 = _linear(config, config.width, config.mlp_dim, rngs, names=("embed", "mlp"))
+        self.w2 = _linear(config, config.width, config.mlp_dim, rngs, names=("embed", "mlp"))
+        self.w3 = _linear(config, config.mlp_dim, config.width, rngs, names=("mlp", "embed"))
 
     def __call__(self, x):
         return self.w3(jax.nn.silu(self.w1(x)) * self.w2(x))
@@ -283,7 +288,9 @@ class VisionTransformer(nnx.Module):
         else:
             p = config.patch_size
             self.patch_embed = nnx.Conv(config.in_channels, width, (p, p), strides=(p, p),
-                                        padding="VALID", dtype=config.dtype, rngs=rngs)
+                                        padding="VALID", dtype=config.dtype, rngs=rngs,
+                                        kernel_metadata=sharding.axes(None, None, None, "embed"),
+                                        bias_metadata=sharding.axes("embed"))
         self.cls_token = nnx.Param(init(rngs.params(), (1, width)))
         self.register_tokens = (nnx.Param(init(rngs.params(), (config.num_register_tokens, width)))
                                 if config.num_register_tokens else None)
@@ -353,6 +360,8 @@ class VisionTransformer(nnx.Module):
 
         def body(x, scanned):
             layer_state, index = scanned
+            # Pins the residual stream's layout on a mesh (batch split; FSDP gathers weights).
+            x = sharding.constrain(x, "batch", "tokens", None)
             x = nnx.merge(graphdef, layer_state)(x, rope, num_prefix)
             patches, aux = x[:, num_prefix:], None
             if hook is not None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from spectralmoe_jax import sharding
 from spectralmoe_jax.training.mask2former_loss import mask2former_loss, semantic_to_targets
 
 
@@ -78,3 +79,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, num_classes: 
 def init_train_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def state_shardings(params, tx: optax.GradientTransformation, mesh, strategy: str) -> TrainState:
+    """Where the train state lives: parameters as their logical names say (`sharding.py`), the
+    optimiser's per-parameter moments as their parameter, step, counts and RNG replicated."""
+    param_shardings = sharding.variable_shardings(params, mesh, strategy)
+    replicated = sharding.replicated(mesh)
+    opt_state = optax.tree_map_params(
+        tx, lambda _, where: where, jax.eval_shape(tx.init, params), param_shardings,
+        transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt_state,
+                      rng=replicated)

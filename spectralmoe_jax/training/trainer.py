@@ -14,13 +14,14 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
+from spectralmoe_jax import sharding
 from spectralmoe_jax.errors import UserError
 from spectralmoe_jax.io.checkpoint import Checkpointer
 from spectralmoe_jax.io.metric_writer import MetricWriter
 from spectralmoe_jax.models.segmentor import split_model
-from spectralmoe_jax.training import mesh as mesh_lib
 from spectralmoe_jax.training.optimizer import make_optimizer
-from spectralmoe_jax.training.train_state import init_train_state, make_train_step
+from spectralmoe_jax.training.train_state import (init_train_state, make_train_step,
+                                                  state_shardings)
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -31,7 +32,8 @@ class Training:
     """Everything a run holds: built once, then `run()` loops. Tests drive it step by step.
 
     `run` is the `RunConfig`; `model` the segmentor from `build.build_segmentor`, its parameters
-    already placed on `mesh`.
+    already placed on `mesh` by the rule table of `run.mesh.strategy`. With several processes
+    every process runs this same loop on its own slice of each batch (`sharding.global_batch`).
     """
 
     def __init__(self, run, workdir: str, model, mesh):
@@ -45,16 +47,21 @@ class Training:
         self.writer = MetricWriter(workdir, tensorboard=tc.tensorboard)
 
         # --- Mesh --------------------------------------------------------------------------
-        self.mesh = mesh
-        if tc.batch_size % jax.process_count():
-            raise UserError(f"train.batch_size {tc.batch_size} is not divisible by the "
-                            f"{jax.process_count()} processes")
+        self.mesh, self.strategy = mesh, run.mesh.strategy
+        ways = sharding.batch_devices(mesh, self.strategy)
+        if tc.batch_size % jax.process_count() or tc.batch_size % ways:
+            raise UserError(f"train.batch_size {tc.batch_size} does not divide over the "
+                            f"{jax.process_count()} processes and the {ways} devices the "
+                            f"batch is split over (mesh {dict(mesh.shape)}, strategy "
+                            f"{self.strategy!r})")
 
         # --- Model and optimiser -----------------------------------------------------------
         self.graphdef, params, self.frozen, self.rest = split_model(model)
         self.tx, self.schedule = make_optimizer(tc, params)
-        state = init_train_state(params, self.tx, run.seed)
-        self.state_sharding = jax.tree.map(lambda _: mesh_lib.replicated(mesh), state)
+        # Every part of the state is made in its sharding (parameters by their logical names).
+        self.state_sharding = state_shardings(params, self.tx, mesh, self.strategy)
+        state = jax.jit(lambda p: init_train_state(p, self.tx, run.seed),
+                        out_shardings=self.state_sharding)(params)
 
         # --- Input pipeline ------------------------------------------------------------------
         self.iterator = make_train_iterator(
@@ -63,7 +70,11 @@ class Training:
             num_workers=run.data.num_workers)
 
         # --- Resume --------------------------------------------------------------------------
-        template = jax.tree.map(np.asarray, state)
+        # Restored straight into the state's shardings: each process reads only its shards,
+        # whatever the process count that wrote them.
+        template = jax.tree.map(
+            lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+            state, self.state_sharding)
         restored = self.checkpointer.restore(
             params=nnx.to_pure_dict(template.params),
             train={"step": template.step, "opt_state": template.opt_state, "rng": template.rng})
@@ -81,8 +92,10 @@ class Training:
         # --- The step ------------------------------------------------------------------------
         step_fn = make_train_step(self.graphdef, self.tx, num_classes=run.data.num_classes,
                                   loss_config=run.loss, ignore_index=run.data.ignore_index)
-        self.train_step = jax.jit(step_fn, donate_argnums=(0,),
-                                  out_shardings=(self.state_sharding, mesh_lib.replicated(mesh)))
+        # Metrics replicated: every process can read them.
+        self.train_step = jax.jit(sharding.traced_with_rules(step_fn, mesh, self.strategy),
+                                  donate_argnums=(0,),
+                                  out_shardings=(self.state_sharding, sharding.replicated(mesh)))
         self.total_steps = tc.num_steps * tc.grad_accum_steps
 
     # -------------------------------------------------------------------------------------------
@@ -92,7 +105,7 @@ class Training:
 
     def step(self):
         """One step; returns its metrics as device arrays (not yet fetched)."""
-        batch = mesh_lib.global_batch(next(self.iterator), self.mesh)
+        batch = sharding.global_batch(next(self.iterator), self.mesh, self.strategy)
         self.state, metrics = self.train_step(self.state, self.frozen, self.rest, batch)
         return metrics
 
