@@ -161,8 +161,8 @@ for size in (1, 2, 3, 6):  # 1: data parallel only, the baseline of the batch sp
     step = jax.jit(sharding.traced_with_rules(adapter_step, mesh, "expert"))
     batch = sharding.batch_sharding(mesh, "expert", 3)
     args = placed(state, mesh, "expert"), jax.device_put(f_v, batch), jax.device_put(f_d, batch), rng
-    hlo = step.lower(*args).compile().as_text()
-    out = step(*args)
+    compiled = step.lower(*args).compile()
+    hlo, out = compiled.as_text(), compiled(*args)
     results[f"adapter_expert_{size}"] = {
         "values": {k: v.tolist() for k, v in flat(out).items()},
         "experts_b": str(args[0]["experts_b"].get_value().sharding.spec),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -34,7 +35,8 @@ def check_writable(directory: str) -> None:
     """Fails early, with the path, when the workdir cannot hold checkpoints."""
     try:
         os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, ".write_probe")
+        # One probe per process: every process of a pod run checks the same shared folder.
+        probe = os.path.join(directory, f".write_probe.{socket.gethostname()}.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
