@@ -46,8 +46,10 @@ def _mesh_and_model(run, *, trained=None, require_trained=False):
 
     mesh = sharding.make_mesh(run.mesh)
     place = sharding.param_sharding(mesh, run.mesh.strategy)
-    return mesh, build_segmentor(run.model, seed=run.seed, trained=trained, sharding=place,
-                                 require_trained=require_trained)
+    built = build_segmentor(run.model, seed=run.seed, trained=trained, sharding=place,
+                            require_trained=require_trained)
+    sharding.wait_for_all_processes("model built")
+    return mesh, built
 
 
 def start_training(run, workdir: str):

@@ -300,3 +300,20 @@ def process_local(tree):
                               device)
 
     return jax.tree.map(local, tree)
+
+
+_BARRIERS = [0]  # barriers passed by this process: all processes pass the same ones in order
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+    """Returns once every process has reached this point (the coordination service's barrier,
+    not a device collective). Called after each process compiled a program and before the
+    program's first collective: on CPU, gloo gives up on a collective whose peers arrive more
+    than 30 s apart, and compile times differ between processes (only process 0 writes the
+    persistent compilation cache)."""
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost
+
+    _BARRIERS[0] += 1
+    multihost.get_barrier_sync_fn()(key=f"{name} #{_BARRIERS[0]}", timeout_ms=timeout_s * 1000)

@@ -7,8 +7,8 @@ Through the real trainer (`modes.start_training`, `Training`) on the tiny config
     the one-process batch, pixel for pixel;
   - a checkpoint written by 1 process resumes in 2 and one written by 2 resumes in 1, with the
     following losses equal to the uninterrupted runs';
-  - evaluation metrics reduced over 2 processes equal the one-process metrics, exactly, for the
-    same weights.
+  - evaluation metrics reduced over 2 processes (`--mode eval` of the one-process run's last
+    checkpoint) equal the one-process metrics of the same weights, exactly.
 The worker is this file run as a script: `python -m tests.test_multiprocess PHASE DIR`.
 """
 
@@ -116,8 +116,8 @@ def worker(phase: str, directory: str):
     jax = start_worker()
     from jax.experimental import multihost_utils
 
+    from spectralmoe_jax import modes
     from spectralmoe_jax.evaluation.runner import Evaluator
-    from spectralmoe_jax.modes import start_training
     from spectralmoe_jax.run_config import parse
     from tests.tiny import tiny_config
 
@@ -131,7 +131,7 @@ def worker(phase: str, directory: str):
         return os.path.join(directory, *parts)
 
     def training(workdir):
-        return start_training(run, path(workdir))
+        return modes.start_training(run, path(workdir))
 
     def write(name, value):
         with open(path(f"{name}.json"), "w") as f:
@@ -148,12 +148,6 @@ def worker(phase: str, directory: str):
             shutil.copytree(path(source), path(target))
         multihost_utils.sync_global_devices(f"copied {target}")
 
-    def evaluate(model):
-        evaluator = Evaluator(run)
-        record = evaluator.evaluate(model, path(f"eval_{name}"), report=False)
-        confusion = np.load(path(f"eval_{name}", "confusion.npy")) if lead else None
-        return {"metrics": record, "confusion": None if confusion is None else confusion.tolist()}
-
     if phase == "resume_two_in_one":
         resumed = training("two_at_2")
         assert int(resumed.state.step) == 2
@@ -168,19 +162,23 @@ def worker(phase: str, directory: str):
     train.run()
     train.iterator.save(path(f"batches_{name}_p{jax.process_index()}.npz"))
     write_losses(f"losses_{name}", f"run_{name}")
-    if phase == "one":
-        write("eval_one", evaluate(train.model()))
+    if phase == "one":  # the weights at step 4, evaluated in memory
+        record = Evaluator(run).evaluate(train.model(), path("eval_one"), report=False)
+        confusion = np.load(path("eval_one", "confusion.npy")).tolist()
+        write("eval_one", {"metrics": record, "confusion": confusion})
         return
     # Two processes: the one-process checkpoints resumed here.
     resumed = training("one_at_2")
     assert int(resumed.state.step) == 2
     resumed.run()
     write_losses("losses_one_resumed_in_two", "one_at_2", after=2)
-    finished = training("run_one")  # the one-process weights at step 4, evaluated here
-    assert int(finished.state.step) == 4
-    result = evaluate(finished.model())
+    # The one-process weights at step 4 through `--mode eval` over both processes.
+    record = modes.eval(run, modes.Paths(workdir=path("run_one"), output=path("eval_two")))
+    assert record["step"] == 4
     if lead:
-        write("eval_two", result)
+        confusion = np.load(path("eval_two", "confusion.npy")).tolist()
+        write("eval_two", {"metrics": {k: record[k] for k in record if k not in ("checkpoint", "step")},
+                           "confusion": confusion})
 
 
 if __name__ == "__main__":

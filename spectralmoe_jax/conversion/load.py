@@ -119,19 +119,22 @@ def open_checkpoint(path: str, *, scheme: str = "auto", prefix: str = "") -> Ope
 
 
 def _open_run(directory: str, step: int) -> Opened:
+    import jax
     import orbax.checkpoint as ocp
 
-    from spectralmoe_jax.io.checkpoint import Checkpointer
-
-    checkpointer = Checkpointer(directory, read_only=True)
+    path = os.path.join(directory, str(step), "params")
+    # Every process reads the whole item onto its first device, whatever the mesh and process
+    # count that wrote it (the trained parameters are small); the build then places them.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
-        restored = checkpointer.manager.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+        with ocp.StandardCheckpointer() as checkpointer:
+            saved = checkpointer.metadata(path).tree
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), saved)
+            restored = checkpointer.restore(path, target)
     except Exception as error:  # noqa: BLE001 - a library error names no file
         raise ConversionError(f"{directory}: cannot read step {step}: {error}") from error
-    finally:
-        checkpointer.close()
-    state = {key: np.asarray(value) for key, value in flatten_state(restored["params"]).items()}
+    state = {key: np.asarray(value) for key, value in flatten_state(restored).items()}
     return Opened(os.path.join(directory, str(step)), "run", state, step=step)
 
 

@@ -109,6 +109,7 @@ class Evaluator:
                           ignore_index=data.ignore_index,
                           samples_per_domain=2 if report and lead else 0, progress=lead,
                           allow_empty=jax.process_count() > 1)
+        sharding.wait_for_all_processes("evaluated")
         result.confusion = sum_over_processes(result.confusion,
                                               list(dict.fromkeys(source.domains)))
         results = result.results()

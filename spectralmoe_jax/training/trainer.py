@@ -96,6 +96,7 @@ class Training:
         self.train_step = jax.jit(sharding.traced_with_rules(step_fn, mesh, self.strategy),
                                   donate_argnums=(0,),
                                   out_shardings=(self.state_sharding, sharding.replicated(mesh)))
+        self._compiled_step = None  # compiled for the first batch, before it runs
         self.total_steps = tc.num_steps * tc.grad_accum_steps
 
     # -------------------------------------------------------------------------------------------
@@ -106,7 +107,13 @@ class Training:
     def step(self):
         """One step; returns its metrics as device arrays (not yet fetched)."""
         batch = sharding.global_batch(next(self.iterator), self.mesh, self.strategy)
-        self.state, metrics = self.train_step(self.state, self.frozen, self.rest, batch)
+        if self._compiled_step is None:
+            # Every process compiles before any runs: the step's collectives then find all
+            # processes there, however long each one's compilation took.
+            self._compiled_step = self.train_step.lower(
+                self.state, self.frozen, self.rest, batch).compile()
+            sharding.wait_for_all_processes("train step compiled")
+        self.state, metrics = self._compiled_step(self.state, self.frozen, self.rest, batch)
         return metrics
 
     def save(self, metrics: dict | None = None):
