@@ -3,6 +3,16 @@ after every VFM block, the four-level feature pyramid and the Mask2Former head.
 
 Which parameters train is decided by their path: everything under `vfm/` and `depth/` is
 frozen (`is_trainable` below), so the optimiser never sees them and they carry no state.
+
+Choices the released backbone wrappers make (`models/backbones/depthmoe_*.py`):
+- `model.neck`: 'resize' (bilinear x4, x2, x1, x0.5: the DINOv2 / DINOv3 / DOFA / EVA02 / SAM
+  wrappers) or 'clip_fpn' (the CLIP wrapper's trainable pyramid, `neck.py`);
+- `model.adapter_layers`: the VFM blocks followed by the adapter, the adapter's layer i serving
+  the i-th of them (default every block; the SAM wrapper: its global-attention blocks);
+- a VFM deeper than the depth encoder (SAM-H 32 blocks, PromptDA 24) reads depth block
+  floor(l * L_depth / L_vfm) after its block l; a depth encoder of another width (1024 beside
+  SAM-H's 1280) is mapped to the VFM width by a trained Linear `depth_proj`. Neither is in the
+  released code, which cannot run those pairs (its depth gate is [d_vfm, Ne]).
 """
 
 from __future__ import annotations
@@ -13,14 +23,17 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 from flax import nnx
 
 from spectralmoe_jax.models.mask2former import Mask2FormerConfig, Mask2FormerHead
+from spectralmoe_jax.models.neck import CLIPFeaturePyramid
 from spectralmoe_jax.models.spectral_moe import AdapterConfig, SpectralMoE
 from spectralmoe_jax.models.vit import VisionTransformer, ViTConfig, vit_config
 
 FROZEN_PREFIXES = ("vfm", "depth")
+NECKS = ("resize", "clip_fpn")
 # Released feature pyramid: blocks 7, 11, 15, 23 resized x4, x2, x1, x0.5 -> strides 4..32.
 PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)
 
@@ -89,6 +102,32 @@ class Segmentor(nnx.Module):
         if max(self.feature_layers) >= self.vfm.config.depth:
             raise ValueError(f"model.feature_layers {self.feature_layers} exceed the VFM's "
                              f"{self.vfm.config.depth} blocks")
+        self.depth_proj = nnx.data(None)
+        self.depth_layer_of = None  # VFM block -> depth block whose tokens it reads
+        if self.depth is not None:
+            vfm_cfg, depth_vit = self.vfm.config, self.depth.config
+            if depth_vit.depth != vfm_cfg.depth:
+                self.depth_layer_of = tuple(l * depth_vit.depth // vfm_cfg.depth
+                                            for l in range(vfm_cfg.depth))
+            if depth_vit.width != vfm_cfg.width:
+                self.depth_proj = nnx.data(nnx.Linear(depth_vit.width, vfm_cfg.width,
+                                                      dtype=dtype, rngs=rngs))
+        layers = model_config.get("adapter_layers")
+        self.adapter_layers = None if layers is None else tuple(int(l) for l in layers)
+        if self.adapter_layers is not None and (
+                not self.adapter_layers or max(self.adapter_layers) >= self.vfm.config.depth
+                or len(set(self.adapter_layers)) != len(self.adapter_layers)):
+            raise ValueError(f"model.adapter_layers {self.adapter_layers} must be distinct blocks "
+                             f"of the VFM's {self.vfm.config.depth}")
+        if (self.adapter is not None and self.adapter_layers is not None
+                and len(self.adapter_layers) > self.adapter.config.num_layers):
+            raise ValueError(f"model.adapter_layers {self.adapter_layers} need more than the "
+                             f"adapter's {self.adapter.config.num_layers} layers")
+        neck = model_config.get("neck", "resize")
+        if neck not in NECKS:
+            raise ValueError(f"model.neck={neck!r}: expected one of {NECKS}")
+        self.neck = nnx.data(CLIPFeaturePyramid(self.vfm.config.width, rngs=rngs)
+                             if neck == "clip_fpn" else None)
         head_fields = dict(model_config.decoder)
         head_fields.setdefault("in_channels", (self.vfm.config.width,) * 4)
         head_fields.setdefault("dtype", jnp.dtype(dtype))
@@ -107,12 +146,41 @@ class Segmentor(nnx.Module):
         rgb = jnp.take(images, jnp.asarray(self.depth_bands), axis=-1)
         out = self.depth(rgb)
         layers = out.layers
+        if self.depth_layer_of is not None:
+            layers = jnp.take(layers, jnp.asarray(self.depth_layer_of), axis=0)
         if out.grid != tuple(grid):  # native patch 14: resize the depth token grid to the visual one
             h, w = out.grid
             maps = rearrange(layers, "l b (h w) d -> (l b) h w d", h=h, w=w)
             maps = jax.image.resize(maps, (maps.shape[0], *grid, maps.shape[-1]), "linear")
             layers = rearrange(maps, "(l b) h w d -> l b (h w) d", l=layers.shape[0])
-        return jax.lax.stop_gradient(layers)
+        layers = jax.lax.stop_gradient(layers)
+        if self.depth_proj is not None:
+            layers = self.depth_proj(layers)
+        return layers
+
+    def adapter_hook(self, depth_layers, *, train: bool, rng: jax.Array | None):
+        """The VFM hook (docs/design.md) running the adapter after its blocks, or None."""
+        if self.adapter is None:
+            return None
+        adapter = self.adapter
+        slots = None
+        if self.adapter_layers is not None:  # adapter layer i after the i-th listed block
+            slots = np.full(self.vfm.config.depth, -1, np.int32)
+            slots[list(self.adapter_layers)] = np.arange(len(self.adapter_layers))
+
+        def hook(layer_index, patch_tokens):
+            f_d = None if depth_layers is None else depth_layers[layer_index]
+            layer_rng = None if rng is None else jax.random.fold_in(rng, layer_index)
+            if slots is None:
+                return adapter(layer_index, patch_tokens, f_d, train=train, rng=layer_rng)
+            slot = jnp.asarray(slots)[layer_index]
+            refined, aux = adapter(jnp.maximum(slot, 0), patch_tokens, f_d, train=train,
+                                   rng=layer_rng)
+            active = slot >= 0
+            aux = dict(aux, balance_loss=jnp.where(active, aux["balance_loss"], 0.0))
+            return jnp.where(active, refined, patch_tokens), aux
+
+        return hook
 
     def __call__(self, images: jax.Array, *, train: bool = False, rng: jax.Array | None = None,
                  wavelengths: jax.Array | None = None) -> dict:
@@ -123,25 +191,20 @@ class Segmentor(nnx.Module):
         if wavelengths is None and self.vfm.config.family == "dofa":
             wavelengths = jnp.asarray(self.wavelengths, jnp.float32)
 
-        hook = None
-        if self.adapter is not None:
-            adapter = self.adapter
-
-            def hook(layer_index, patch_tokens):
-                f_d = None if depth_layers is None else depth_layers[layer_index]
-                layer_rng = None if rng is None else jax.random.fold_in(rng, layer_index)
-                return adapter(layer_index, patch_tokens, f_d, train=train, rng=layer_rng)
-
+        hook = self.adapter_hook(depth_layers, train=train, rng=rng)
         out = self.vfm(images, hook=hook, wavelengths=wavelengths)
-        features = []
-        for layer, scale in zip(self.feature_layers, PYRAMID_SCALES):
-            fmap = rearrange(out.layers[layer], "b (h w) d -> b h w d", h=out.grid[0], w=out.grid[1])
-            features.append(resize_bilinear(fmap, scale))
+        features = [rearrange(out.layers[layer], "b (h w) d -> b h w d", h=out.grid[0],
+                              w=out.grid[1]) for layer in self.feature_layers]
+        if self.neck is None:
+            features = [resize_bilinear(f, scale) for f, scale in zip(features, PYRAMID_SCALES)]
+        else:
+            features = self.neck(features, train=train)
         query_embedding = self.adapter.query_embedding() if self.adapter is not None else None
         outputs = dict(self.head(features, query_embedding=query_embedding))
         if out.hook_aux is not None:
-            # Released: the per-layer balance terms are averaged over the layers.
-            outputs["balance_loss"] = jnp.mean(out.hook_aux["balance_loss"])
+            # Released: the per-layer balance terms are averaged over the adapted layers.
+            count = self.vfm.config.depth if self.adapter_layers is None else len(self.adapter_layers)
+            outputs["balance_loss"] = jnp.sum(out.hook_aux["balance_loss"]) / count
             outputs["expert_v"] = rearrange(out.hook_aux["expert_v"], "l b (h w) -> b l h w",
                                             h=out.grid[0], w=out.grid[1])
         else:

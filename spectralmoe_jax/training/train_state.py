@@ -37,6 +37,12 @@ def make_loss_fn(graphdef, *, num_classes: int, loss_config, ignore_index: int =
     def loss_fn(params, frozen, rest, batch, rng):
         noise_rng, point_rng = jax.random.split(rng)
         model = nnx.merge(graphdef, params, frozen, rest)
+        if jax.tree.leaves(nnx.state(model, nnx.BatchStat)):
+            # The step returns only the trainable state: running statistics updated in the
+            # forward would be dropped, and evaluation would use their initial values.
+            raise NotImplementedError(
+                "the model has BatchNorm running statistics (model.neck='clip_fpn'), which this "
+                "train step does not carry yet; train with model.neck='resize'")
         outputs = model(batch["image"], train=True, rng=noise_rng)
         targets = semantic_to_targets(batch["label"], num_classes, ignore_index=ignore_index)
         decoder_loss, metrics = mask2former_loss(outputs, targets, point_rng, loss_config)
