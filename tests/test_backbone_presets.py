@@ -13,6 +13,7 @@ import pytest
 import torch
 from flax import nnx
 
+from spectralmoe_jax.conversion.neck import convert_neck, load_neck
 from spectralmoe_jax.models.neck import CLIPFeaturePyramid
 from spectralmoe_jax.models.segmentor import Segmentor, split_model
 from spectralmoe_jax.models.vit import VisionTransformer, vit_config
@@ -163,18 +164,11 @@ def torch_clip_pyramid(d: int):
 
 
 def pyramid_from_torch(reference, d: int) -> CLIPFeaturePyramid:
-    """Our pyramid filled from the torch modules (ConvTranspose weight [in, out, i, j])."""
-    ours = CLIPFeaturePyramid(d, rngs=nnx.Rngs(0))
-    t = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
-    for i, name in enumerate(("fpn1.0", "fpn2.0", "fpn3", "fpn4.0")):
-        ours.norms[i].scale[...] = t[f"{name}.weight"]
-        ours.norms[i].bias[...] = t[f"{name}.bias"]
-    for module, name in ((ours.up4_a, "fpn1.1"), (ours.up4_b, "fpn1.4"), (ours.up2, "fpn2.1")):
-        module.kernel[...] = t[f"{name}.weight"].transpose(2, 3, 0, 1)
-        module.bias[...] = t[f"{name}.bias"]
-    bn = ours.up4_bn
-    bn.scale[...], bn.bias[...] = t["fpn1.2.weight"], t["fpn1.2.bias"]
-    bn.mean[...], bn.var[...] = t["fpn1.2.running_mean"], t["fpn1.2.running_var"]
+    """Ours, filled by the converter from the released names (`backbone.fpn1.0.weight`, ...)."""
+    state = {f"backbone.{k}": v.detach().numpy().copy() for k, v in reference.state_dict().items()}
+    state["backbone.depthmoe.scale"] = np.zeros((), np.float32)  # other parts: not the neck's
+    ours = nnx.eval_shape(lambda: CLIPFeaturePyramid(d, rngs=nnx.Rngs(0)))
+    load_neck(ours, convert_neck(state))
     return ours
 
 
@@ -192,6 +186,7 @@ def test_clip_pyramid_matches_the_released_fpn(train):
         bn.running_mean.copy_(0.2 * torch.randn(d, generator=generator))
         bn.running_var.copy_(1.0 + 0.5 * torch.rand(d, generator=generator))
     ours = pyramid_from_torch(reference, d)
+    assert np.array_equal(ours.up4_bn.var[...], bn.running_var.numpy())
     reference.train(train)
     rng = np.random.default_rng(2)
     features = [rng.normal(size=(2, 4, 6, d)).astype(np.float32) for _ in range(4)]

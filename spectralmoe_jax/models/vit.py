@@ -435,7 +435,8 @@ def _check(config: ViTConfig) -> None:
         if groups and (config.depth % groups or period < 2 or config.global_blocks != expected):
             raise ValueError(
                 f"global_blocks {config.global_blocks} must close equal groups of the "
-                f"{config.depth} blocks, e.g. {tuple(config.depth // 4 * (g + 1) - 1 for g in range(4))}")
+                f"{config.depth} blocks (SAM-H: (7, 15, 23, 31) of 32); {groups} groups of "
+                f"{config.depth} blocks would be {expected}")
 
 
 class VisionTransformer(nnx.Module):
