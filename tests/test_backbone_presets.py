@@ -14,12 +14,13 @@ import torch
 from flax import nnx
 
 from spectralmoe_jax.conversion.neck import convert_neck, load_neck
+from spectralmoe_jax.errors import ConfigError
 from spectralmoe_jax.models.neck import CLIPFeaturePyramid
 from spectralmoe_jax.models.segmentor import Segmentor, split_model
 from spectralmoe_jax.models.vit import VisionTransformer, vit_config
+from spectralmoe_jax.run_config import parse
 from spectralmoe_jax.summary import parameter_counts
 from spectralmoe_jax.training.train_state import init_train_state, make_train_step
-from spectralmoe_jax.training.trainer import loss_config_from
 from tests.conftest import relative_error
 from tests.tiny import tiny_config
 
@@ -39,7 +40,7 @@ def adapter_counts(preset: str, variant=None) -> dict:
 
     config = flair.get_config(variant)
     config.model.vfm.preset = preset
-    counts = parameter_counts(config.model, depth=1)["modules"]
+    counts = parameter_counts(parse(config).model, depth=1)["modules"]
     return {name: c["trainable"] for name, c in counts.items()}
 
 
@@ -81,6 +82,7 @@ def test_gradient_reaches_the_hook_through_each_family(preset):
 
 
 def segmentor_config(vfm: str, depth: str, **model):
+    """The tiny run with `vfm` and `depth` presets, parsed (RunConfig)."""
     config = tiny_config(crop=32, batch_size=1)
     config.model.vfm.preset = vfm
     config.model.vfm.overrides.update(TINY | FAMILY_TINY.get(vfm, {}))
@@ -88,20 +90,22 @@ def segmentor_config(vfm: str, depth: str, **model):
     config.model.depth.overrides.update(TINY)
     config.model.decoder.update(dict(decoder_layers=1, encoder_layers=1))
     config.model.feature_layers = (0, 1, 2, 3)
+    depth_overrides = model.pop("depth_overrides", {})
+    config.model.depth.overrides.update(depth_overrides)
     config.model.update(model)
-    return config
+    return parse(config)
 
 
-def one_step(config) -> dict:
-    model = Segmentor(config.model, rngs=nnx.Rngs(0))
+def one_step(run) -> dict:
+    model = Segmentor(run.model.segmentor(), rngs=nnx.Rngs(0))
     graphdef, params, frozen, rest = split_model(model)
     tx = optax.adamw(1e-3)
     state = init_train_state(params, tx, 0)
-    step = jax.jit(make_train_step(graphdef, tx, num_classes=config.data.num_classes,
-                                   loss_config=loss_config_from(config)))
+    step = jax.jit(make_train_step(graphdef, tx, num_classes=run.data.num_classes,
+                                   loss_config=run.loss))
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.normal(size=(1, 32, 32, 4)), jnp.float32),
-             "label": jnp.asarray(rng.integers(0, config.data.num_classes, (1, 32, 32)),
+             "label": jnp.asarray(rng.integers(0, run.data.num_classes, (1, 32, 32)),
                                   jnp.int32)}
     new_state, metrics = step(state, frozen, rest, batch)
     moved = [not np.array_equal(a, b) for a, b in
@@ -115,9 +119,9 @@ def test_sam_trains_a_step_as_the_released_wrapper():
     get adapter layers 0, 1), beside a shallower, narrower Depth-Anything-V2 encoder: blocks 0
     and 2 keep the plain ViT's tokens, only adapted layers carry a balance term, and a step
     trains."""
-    config = segmentor_config("sam_vith16", "depth_anything_v2_vitl16", adapter_layers=(1, 3))
-    config.model.depth.overrides.update(dict(depth=2, width=16, num_heads=2, mlp_dim=32))
-    result = one_step(config)
+    run = segmentor_config("sam_vith16", "depth_anything_v2_vitl16", adapter_layers=(1, 3),
+                           depth_overrides=dict(depth=2, width=16, num_heads=2, mlp_dim=32))
+    result = one_step(run)
     assert np.isfinite(result["loss"]) and result["balance"] > 0
     assert result["moved"] > 0.5
     model = result["model"]
@@ -136,9 +140,8 @@ def test_sam_trains_a_step_as_the_released_wrapper():
     np.testing.assert_array_equal(refined[0], plain[0])
     assert relative_error(refined[1], plain[1]) > 1e-6
     assert balance[0] == 0 and balance[2] == 0 and balance[1] > 0
-    with pytest.raises(ValueError, match=r"adapter_layers \(1, 9\) must be distinct blocks"):
-        Segmentor(segmentor_config("sam_vith16", "promptda_vitl16",
-                                   adapter_layers=(1, 9)).model, rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match=r"adapter_layers \(1, 9\) must be distinct blocks"):
+        segmentor_config("sam_vith16", "promptda_vitl16", adapter_layers=(1, 9))
 
 
 @pytest.mark.slow
@@ -207,24 +210,21 @@ def test_clip_pyramid_matches_the_released_fpn(train):
 def test_clip_pyramid_in_the_segmentor_and_the_train_step_guard():
     """model.neck='clip_fpn' puts the pyramid (trained, outside the frozen backbones) between the
     ViT and the head; the train step refuses its running statistics rather than drop them."""
-    config = segmentor_config("clip_vitl14", "promptda_vitl16", neck="clip_fpn")
-    counts = parameter_counts(config.model, depth=1)["modules"]
+    run = segmentor_config("clip_vitl14", "promptda_vitl16", neck="clip_fpn")
+    counts = parameter_counts(run.model, depth=1)["modules"]
     assert counts["neck"]["trainable"] == counts["neck"]["total"] == 4 * 2 * WIDTH + 3 * (
         4 * WIDTH * WIDTH + WIDTH) + 2 * WIDTH
-    model = nnx.eval_shape(lambda: Segmentor(config.model, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Segmentor(run.model.segmentor(), rngs=nnx.Rngs(0)))
     images = jax.ShapeDtypeStruct((1, 32, 32, 4), jnp.float32)
     graphdef, params, frozen, rest = split_model(model)
     out = jax.eval_shape(lambda p, f, r, x: nnx.merge(graphdef, p, f, r)(x), params, frozen, rest,
                          images)
     assert out["mask_logits"].shape[-2:] == (16, 16)  # the x4 map of the 4 x 4 patch grid
     tx = optax.adamw(1e-3)
-    step = make_train_step(graphdef, tx, num_classes=config.data.num_classes,
-                           loss_config=loss_config_from(config))
+    step = make_train_step(graphdef, tx, num_classes=run.data.num_classes, loss_config=run.loss)
     batch = {"image": images, "label": jax.ShapeDtypeStruct((1, 32, 32), jnp.int32)}
     with pytest.raises(NotImplementedError, match="neck='clip_fpn'"):
         jax.eval_shape(step, jax.eval_shape(lambda p: init_train_state(p, tx, 0), params),
                        frozen, rest, batch)
-    with pytest.raises(ValueError, match="model.neck='fpn'"):
-        nnx.eval_shape(lambda: Segmentor(
-            segmentor_config("clip_vitl14", "promptda_vitl16", neck="fpn").model,
-            rngs=nnx.Rngs(0)))
+    with pytest.raises(ConfigError, match="model.neck='fpn'"):
+        segmentor_config("clip_vitl14", "promptda_vitl16", neck="fpn")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import transformers as hf
 from flax import nnx
 
-from spectralmoe_jax.conversion.vit import load_vit
+from tests.converted import load_vit
 from spectralmoe_jax.models.vit import (
     VisionTransformer, ViTConfig, interpolate_pos_embed, vit_config)
 from tests.conftest import relative_error

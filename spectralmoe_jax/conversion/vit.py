@@ -45,35 +45,27 @@ Options of the released SpectralMoE `tools/convert_models` (and the backbone wra
 bicubic, or bilinear as the released CLIP wrapper), `stem` ('cyclic' as released or 'timm') for
 `config.in_channels` bands from an RGB kernel.
 
-Command line (writes an Orbax checkpoint that `load_vit` / `restore_params` read back):
-  python -m spectralmoe_jax.conversion.vit dinov3_vitl16_pretrain.pth /ckpt/dinov3_l16 \
-      --preset dinov3_vitl16 --in-channels 4 --stem cyclic
+Files are opened and converted by the one loading path, `conversion/load.py`; `--mode convert`
+writes the converted arrays once.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import os
 import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from flax import nnx
 
-from spectralmoe_jax.models import resize
 from spectralmoe_jax.conversion.rules import (
     ConversionError,
     Rule,
     apply_rules,
     conv_kernel,
-    flatten_state,
     linear_kernel,
-    load_into_module,
 )
-from spectralmoe_jax.conversion.torch_io import load_state_dict
+from spectralmoe_jax.models import resize
 from spectralmoe_jax.models.rope import eva_rope_sincos, rope_periods
-from spectralmoe_jax.models.vit import VisionTransformer, ViTConfig
+from spectralmoe_jax.models.vit import ViTConfig
 
 SCHEMES = ("dinov2", "dinov3", "hf_dinov2", "hf_dinov3", "promptda", "promptda_hf", "dofa",
            "clip", "hf_clip", "sam", "hf_sam", "eva02")
@@ -496,90 +488,3 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ViTConfig,
     params = apply_rules(state, _RULES[scheme](config),
                          allow_unexpected=(*ignored, *allow_unexpected))
     return _adapt(params, config, resize_patch=resize_patch, resize_pos=resize_pos, stem=stem)
-
-
-# --- loading and Orbax -------------------------------------------------------------------------
-
-def save_params(module: nnx.Module, directory: str | os.PathLike) -> None:
-    """Writes the module's parameters as an Orbax checkpoint (overwriting `directory`)."""
-    import orbax.checkpoint as ocp
-
-    pure = nnx.to_pure_dict(nnx.state(module, nnx.Param))
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(directory), pure, force=True)
-
-
-def restore_params(module: nnx.Module, directory: str | os.PathLike, *,
-                   allow_missing: Sequence[str] = ()) -> nnx.Module:
-    """Fills the module from an Orbax checkpoint of `save_params`, checking names and shapes."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
-        raise ConversionError(f"no Orbax checkpoint directory at {directory}")
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(directory)
-    params = {key: np.asarray(value) for key, value in flatten_state(restored).items()}
-    load_into_module(module, params, allow_missing=allow_missing)
-    return module
-
-
-def load_vit(source, config: ViTConfig, scheme: str = "auto", *, prefix: str = "",
-             allow_missing: Sequence[str] = (), allow_unexpected: Sequence[str] = (),
-             resize_patch: bool = False, resize_pos: bool = False, stem: str | None = None,
-             rngs: nnx.Rngs | None = None) -> VisionTransformer:
-    """A VisionTransformer filled from a PyTorch file, a state dict or an Orbax directory.
-
-    `allow_missing` / `allow_unexpected` are regular expressions naming our parameter paths that
-    may stay at their initial values / checkpoint keys that may be dropped.
-    """
-    def build(rngs):
-        return VisionTransformer(config, rngs=rngs)
-
-    # Unless some parameters may be missing, every one comes from the checkpoint: build only the
-    # shapes. Otherwise initialise in one compiled call rather than op by op.
-    rngs = rngs or nnx.Rngs(0)
-    model = nnx.jit(build)(rngs) if allow_missing else nnx.eval_shape(build, rngs)
-    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-        return restore_params(model, source, allow_missing=allow_missing)
-    state = load_state_dict(source) if isinstance(source, (str, os.PathLike)) else source
-    params = convert_state_dict(state, config, scheme, prefix=prefix,
-                                allow_unexpected=allow_unexpected, resize_patch=resize_patch,
-                                resize_pos=resize_pos, stem=stem)
-    load_into_module(model, params, allow_missing=allow_missing)
-    return model
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from spectralmoe_jax.models.vit import vit_config
-
-    parser = argparse.ArgumentParser(description="PyTorch ViT checkpoint -> Orbax checkpoint")
-    parser.add_argument("source", help=".pth / .ckpt / .bin / .safetensors file")
-    parser.add_argument("directory", help="Orbax checkpoint directory to write")
-    parser.add_argument("--preset", required=True, help="models.vit preset, e.g. dinov3_vitl16")
-    parser.add_argument("--scheme", default="auto", choices=("auto", *SCHEMES))
-    parser.add_argument("--prefix", default="", help="sub-model prefix, e.g. 'backbone.'")
-    parser.add_argument("--in-channels", type=int, default=None)
-    parser.add_argument("--patch-size", type=int, default=None, help="resize the patch kernel")
-    parser.add_argument("--grid", type=int, nargs=2, default=None,
-                        help="resize the learned position table to this grid (h w)")
-    parser.add_argument("--stem", choices=("cyclic", "timm"), default=None)
-    parser.add_argument("--allow-unexpected", nargs="*", default=())
-    args = parser.parse_args(argv)
-    overrides = {}
-    if args.in_channels:
-        overrides["in_channels"] = args.in_channels
-    if args.patch_size:
-        overrides["patch_size"] = args.patch_size
-    if args.grid:
-        overrides["pos_grid"] = tuple(args.grid)
-    config = dataclasses.replace(vit_config(args.preset), **overrides)
-    model = load_vit(args.source, config, args.scheme, prefix=args.prefix,
-                     allow_unexpected=args.allow_unexpected, resize_patch=bool(args.patch_size),
-                     resize_pos=bool(args.grid), stem=args.stem)
-    save_params(model, args.directory)
-    print(f"wrote {args.directory} ({config})")
-
-
-if __name__ == "__main__":
-    main()

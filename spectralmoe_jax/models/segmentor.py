@@ -5,10 +5,10 @@ Which parameters train is decided by their path: everything under `vfm/` and `de
 frozen (`is_trainable` below), so the optimiser never sees them and they carry no state.
 
 Choices the released backbone wrappers make (`models/backbones/depthmoe_*.py`):
-- `model.neck`: 'resize' (bilinear x4, x2, x1, x0.5: the DINOv2 / DINOv3 / DOFA / EVA02 / SAM
+- `neck`: 'resize' (bilinear x4, x2, x1, x0.5: the DINOv2 / DINOv3 / DOFA / EVA02 / SAM
   wrappers) or 'clip_fpn' (the CLIP wrapper's trainable pyramid, `neck.py`);
-- `model.adapter_layers`: the VFM blocks followed by the adapter, the adapter's layer i serving
-  the i-th of them (default every block; the SAM wrapper: its global-attention blocks);
+- `adapter_layers`: the VFM blocks followed by the adapter, the adapter's layer i serving the
+  i-th of them (default every block; the SAM wrapper: its global-attention blocks);
 - a VFM deeper than the depth encoder (SAM-H 32 blocks, PromptDA 24) reads depth block
   floor(l * L_depth / L_vfm) after its block l; a depth encoder of another width (1024 beside
   SAM-H's 1280) is mapped to the VFM width by a trained Linear `depth_proj`. Neither is in the
@@ -18,8 +18,7 @@ Choices the released backbone wrappers make (`models/backbones/depthmoe_*.py`):
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ from flax import nnx
 from spectralmoe_jax.models.mask2former import Mask2FormerConfig, Mask2FormerHead
 from spectralmoe_jax.models.neck import CLIPFeaturePyramid
 from spectralmoe_jax.models.spectral_moe import AdapterConfig, SpectralMoE
-from spectralmoe_jax.models.vit import VisionTransformer, ViTConfig, vit_config
+from spectralmoe_jax.models.vit import VisionTransformer, ViTConfig
 
 FROZEN_PREFIXES = ("vfm", "depth")
 NECKS = ("resize", "clip_fpn")
@@ -38,25 +37,45 @@ NECKS = ("resize", "clip_fpn")
 PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)
 
 
-def dataclass_from_config(cls, fields: Mapping, where: str):
-    """Builds a config dataclass, naming any key it does not have."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"config {where}: unknown key(s) {unknown}; {cls.__name__} has {sorted(known)}")
-    return cls(**fields)
+@dataclasses.dataclass(frozen=True)
+class SegmentorConfig:
+    """The whole model, resolved (`run_config.ModelSection.segmentor` builds it from a run's
+    config)."""
+    vfm: ViTConfig
+    decoder: Mask2FormerConfig
+    adapter: AdapterConfig | None = None  # None: the frozen-backbone baseline
+    depth: ViTConfig | None = None  # None: no depth encoder
+    depth_bands: tuple[int, ...] = (0, 1, 2)  # input bands fed to the depth encoder as R, G, B
+    feature_layers: tuple[int, ...] = (7, 11, 15, 23)  # VFM blocks feeding the pyramid
+    wavelengths: tuple[float, ...] = ()  # per band, micrometres: DOFA needs them
+    neck: str = "resize"  # 'resize' (bilinear pyramid) | 'clip_fpn' (the CLIP wrapper's)
+    adapter_layers: tuple[int, ...] | None = None  # VFM blocks with the adapter; None: every one
 
-
-def backbone_config(cfg, dtype: str, where: str) -> ViTConfig:
-    """A named preset (e.g. 'dinov3_vitl16') with the config's overrides applied."""
-    base = vit_config(cfg.preset)
-    overrides = dict(cfg.get("overrides", {}))
-    overrides.setdefault("dtype", dtype)
-    known = {f.name for f in dataclasses.fields(ViTConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"config {where}.overrides: unknown key(s) {unknown}")
-    return dataclasses.replace(base, **overrides)
+    def __post_init__(self):
+        if self.adapter_layers is not None:
+            object.__setattr__(self, "adapter_layers", tuple(int(l) for l in self.adapter_layers))
+            layers = self.adapter_layers
+            if (not layers or min(layers) < 0 or max(layers) >= self.vfm.depth
+                    or len(set(layers)) != len(layers)):
+                raise ValueError(f"model.adapter_layers {layers} must be distinct blocks of the "
+                                 f"VFM's {self.vfm.depth}")
+            if self.adapter is not None and len(layers) > self.adapter.num_layers:
+                raise ValueError(f"model.adapter_layers {layers} need more than the adapter's "
+                                 f"{self.adapter.num_layers} layers")
+        if self.neck not in NECKS:
+            raise ValueError(f"model.neck={self.neck!r}: expected one of {NECKS}")
+        if self.vfm.family == "dofa" and len(self.wavelengths) != self.vfm.in_channels:
+            raise ValueError(f"model.wavelengths has {len(self.wavelengths)} values but the DOFA "
+                             f"VFM takes {self.vfm.in_channels} bands: give one per band")
+        if len(self.feature_layers) != len(PYRAMID_SCALES):
+            raise ValueError(f"model.feature_layers {self.feature_layers}: give "
+                             f"{len(PYRAMID_SCALES)} block indices, one per pyramid level")
+        if max(self.feature_layers) >= self.vfm.depth or min(self.feature_layers) < 0:
+            raise ValueError(f"model.feature_layers {self.feature_layers} are not blocks of the "
+                             f"VFM's {self.vfm.depth}")
+        if self.depth is not None and max(self.depth_bands) >= self.vfm.in_channels:
+            raise ValueError(f"model.depth.bands {self.depth_bands} are not among the "
+                             f"{self.vfm.in_channels} input bands")
 
 
 def resize_bilinear(x: jax.Array, scale: float) -> jax.Array:
@@ -75,75 +94,32 @@ def resize_bilinear(x: jax.Array, scale: float) -> jax.Array:
 class Segmentor(nnx.Module):
     """images [B, H, W, C] -> Mask2Former class and mask logits (+ the adapter's aux losses)."""
 
-    def __init__(self, model_config, *, rngs: nnx.Rngs):
-        dtype = model_config.get("dtype", "float32")
-        self.vfm = VisionTransformer(backbone_config(model_config.vfm, dtype, "model.vfm"), rngs=rngs)
-        # DOFA builds its patch embedding from the bands' central wavelengths (micrometres).
-        self.wavelengths = tuple(model_config.get("wavelengths") or ())
-        if self.vfm.config.family == "dofa" and len(self.wavelengths) != self.vfm.config.in_channels:
-            raise ValueError(f"model.wavelengths has {len(self.wavelengths)} values but the DOFA "
-                             f"VFM takes {self.vfm.config.in_channels} bands: give one per band")
-        depth_cfg = model_config.depth
-        self.depth_bands = tuple(depth_cfg.bands) if depth_cfg.enabled else None
+    def __init__(self, config: SegmentorConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.vfm = VisionTransformer(config.vfm, rngs=rngs)
         # nnx.data: an optional submodule stays a pytree node even when it is None.
         self.depth = nnx.data(
-            VisionTransformer(backbone_config(depth_cfg, dtype, "model.depth"), rngs=rngs)
-            if depth_cfg.enabled else None)
-        adapter_fields = dict(model_config.adapter)
-        adapter = None
-        if adapter_fields.pop("enabled", True):
-            adapter_fields.setdefault("num_layers", self.vfm.config.depth)
-            adapter_fields.setdefault("width", self.vfm.config.width)
-            adapter_fields.setdefault("dtype", jnp.dtype(dtype))
-            adapter = SpectralMoE(
-                dataclass_from_config(AdapterConfig, adapter_fields, "model.adapter"), rngs=rngs)
-        self.adapter = nnx.data(adapter)
-        self.feature_layers = tuple(model_config.feature_layers)
-        if max(self.feature_layers) >= self.vfm.config.depth:
-            raise ValueError(f"model.feature_layers {self.feature_layers} exceed the VFM's "
-                             f"{self.vfm.config.depth} blocks")
+            VisionTransformer(config.depth, rngs=rngs) if config.depth is not None else None)
+        self.adapter = nnx.data(
+            SpectralMoE(config.adapter, rngs=rngs) if config.adapter is not None else None)
         self.depth_proj = nnx.data(None)
-        self.depth_layer_of = None  # VFM block -> depth block whose tokens it reads
-        if self.depth is not None:
-            vfm_cfg, depth_vit = self.vfm.config, self.depth.config
-            if depth_vit.depth != vfm_cfg.depth:
-                self.depth_layer_of = tuple(l * depth_vit.depth // vfm_cfg.depth
-                                            for l in range(vfm_cfg.depth))
-            if depth_vit.width != vfm_cfg.width:
-                self.depth_proj = nnx.data(nnx.Linear(depth_vit.width, vfm_cfg.width,
-                                                      dtype=dtype, rngs=rngs))
-        layers = model_config.get("adapter_layers")
-        self.adapter_layers = None if layers is None else tuple(int(l) for l in layers)
-        if self.adapter_layers is not None and (
-                not self.adapter_layers or max(self.adapter_layers) >= self.vfm.config.depth
-                or len(set(self.adapter_layers)) != len(self.adapter_layers)):
-            raise ValueError(f"model.adapter_layers {self.adapter_layers} must be distinct blocks "
-                             f"of the VFM's {self.vfm.config.depth}")
-        if (self.adapter is not None and self.adapter_layers is not None
-                and len(self.adapter_layers) > self.adapter.config.num_layers):
-            raise ValueError(f"model.adapter_layers {self.adapter_layers} need more than the "
-                             f"adapter's {self.adapter.config.num_layers} layers")
-        neck = model_config.get("neck", "resize")
-        if neck not in NECKS:
-            raise ValueError(f"model.neck={neck!r}: expected one of {NECKS}")
-        self.neck = nnx.data(CLIPFeaturePyramid(self.vfm.config.width, rngs=rngs)
-                             if neck == "clip_fpn" else None)
-        head_fields = dict(model_config.decoder)
-        head_fields.setdefault("in_channels", (self.vfm.config.width,) * 4)
-        head_fields.setdefault("dtype", jnp.dtype(dtype))
-        if self.adapter is not None and self.adapter.config.link_token_to_query:
-            # Released heads drop their learned query positions and take the adapter's.
-            head_fields.setdefault("learn_query_position", False)
-            # REIN's released head also derives its query features from them (`querys2feat`).
-            head_fields.setdefault("replace_query_feat", self.adapter.config.kind == "rein")
-        self.head = Mask2FormerHead(
-            dataclass_from_config(Mask2FormerConfig, head_fields, "model.decoder"), rngs=rngs)
+        self.depth_layer_of = None  # VFM block -> the depth block whose tokens it reads
+        if config.depth is not None:
+            if config.depth.depth != config.vfm.depth:
+                self.depth_layer_of = tuple(l * config.depth.depth // config.vfm.depth
+                                            for l in range(config.vfm.depth))
+            if config.depth.width != config.vfm.width:
+                self.depth_proj = nnx.data(nnx.Linear(config.depth.width, config.vfm.width,
+                                                      dtype=config.vfm.dtype, rngs=rngs))
+        self.neck = nnx.data(CLIPFeaturePyramid(config.vfm.width, rngs=rngs)
+                             if config.neck == "clip_fpn" else None)
+        self.head = Mask2FormerHead(config.decoder, rngs=rngs)
 
     def depth_features(self, images: jax.Array, grid: tuple[int, int]) -> jax.Array | None:
         """All depth-block patch tokens [L, B, N, D], forward only (no gradient ever needed)."""
         if self.depth is None:
             return None
-        rgb = jnp.take(images, jnp.asarray(self.depth_bands), axis=-1)
+        rgb = jnp.take(images, jnp.asarray(self.config.depth_bands), axis=-1)
         out = self.depth(rgb)
         layers = out.layers
         if self.depth_layer_of is not None:
@@ -164,9 +140,9 @@ class Segmentor(nnx.Module):
             return None
         adapter = self.adapter
         slots = None
-        if self.adapter_layers is not None:  # adapter layer i after the i-th listed block
-            slots = np.full(self.vfm.config.depth, -1, np.int32)
-            slots[list(self.adapter_layers)] = np.arange(len(self.adapter_layers))
+        if self.config.adapter_layers is not None:  # adapter layer i after the i-th listed block
+            slots = np.full(self.config.vfm.depth, -1, np.int32)
+            slots[list(self.config.adapter_layers)] = np.arange(len(self.config.adapter_layers))
 
         def hook(layer_index, patch_tokens):
             f_d = None if depth_layers is None else depth_layers[layer_index]
@@ -189,12 +165,12 @@ class Segmentor(nnx.Module):
         grid = (h // patch, w // patch)
         depth_layers = self.depth_features(images, grid)
         if wavelengths is None and self.vfm.config.family == "dofa":
-            wavelengths = jnp.asarray(self.wavelengths, jnp.float32)
+            wavelengths = jnp.asarray(self.config.wavelengths, jnp.float32)
 
         hook = self.adapter_hook(depth_layers, train=train, rng=rng)
         out = self.vfm(images, hook=hook, wavelengths=wavelengths)
         features = [rearrange(out.layers[layer], "b (h w) d -> b h w d", h=out.grid[0],
-                              w=out.grid[1]) for layer in self.feature_layers]
+                              w=out.grid[1]) for layer in self.config.feature_layers]
         if self.neck is None:
             features = [resize_bilinear(f, scale) for f, scale in zip(features, PYRAMID_SCALES)]
         else:
@@ -203,7 +179,8 @@ class Segmentor(nnx.Module):
         outputs = dict(self.head(features, query_embedding=query_embedding))
         if out.hook_aux is not None:
             # Released: the per-layer balance terms are averaged over the adapted layers.
-            count = self.vfm.config.depth if self.adapter_layers is None else len(self.adapter_layers)
+            layers = self.config.adapter_layers
+            count = self.config.vfm.depth if layers is None else len(layers)
             outputs["balance_loss"] = jnp.sum(out.hook_aux["balance_loss"]) / count
             outputs["expert_v"] = rearrange(out.hook_aux["expert_v"], "l b (h w) -> b l h w",
                                             h=out.grid[0], w=out.grid[1])
@@ -229,38 +206,3 @@ def frozen_filter():
 def split_model(model: Segmentor):
     """graphdef, trainable params, frozen params, everything else (non-Param variables)."""
     return nnx.split(model, trainable_filter(), frozen_filter(), ...)
-
-
-def load_backbone(module: VisionTransformer, cfg) -> None:
-    """Fills a frozen backbone from `cfg.checkpoint`: an Orbax directory written by the convert
-    mode, or a PyTorch file converted on the fly (released options: patch kernel and position
-    table resized to the configured patch and grid, multispectral stem by `cfg.stem`)."""
-    from spectralmoe_jax.conversion.rules import load_into_module
-    from spectralmoe_jax.conversion.torch_io import load_state_dict
-    from spectralmoe_jax.conversion.vit import convert_state_dict, restore_params
-
-    path = cfg.checkpoint
-    if os.path.isdir(path):
-        restore_params(module, path)
-        return
-    params = convert_state_dict(
-        load_state_dict(path), module.config, cfg.get("checkpoint_scheme", "auto"),
-        prefix=cfg.get("checkpoint_prefix", ""), resize_patch=True, resize_pos=True,
-        stem=cfg.get("stem", "cyclic"))
-    load_into_module(module, params)
-
-
-def build_segmentor(model_config, seed: int = 0) -> Segmentor:
-    """The segmentor with its frozen backbones loaded from their checkpoints, when given, and
-    its adapter and head from `model.checkpoint` (a released SpectralMoE / REIN MMSegmentation
-    checkpoint, or the Orbax directory `--mode convert` writes from one)."""
-    model = Segmentor(model_config, rngs=nnx.Rngs(seed))
-    for name in FROZEN_PREFIXES:
-        module, cfg = getattr(model, name), model_config[name]
-        if module is not None and cfg.get("checkpoint"):
-            load_backbone(module, cfg)
-    if model_config.get("checkpoint"):
-        from spectralmoe_jax.conversion.segmentor import load_trained_parts
-
-        load_trained_parts(model, model_config.checkpoint)
-    return model
