@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from spectralmoe_jax.conversion import load
@@ -55,7 +54,8 @@ def build_segmentor(model_section, *, seed: int = 0, trained: str | None = None,
             if opened[part].holds == "trained" or opened[part].kind == "run":
                 raise ConversionError(f"{w.checkpoint}: holds a trained adapter and head, not "
                                       f"a backbone (config model.{part}.checkpoint)")
-            implied[part] = load.backbone_implied(opened[part])
+            implied[part] = load.backbone_implied(opened[part],
+                                                  backbone.vit(model_section.dtype))
     trained = trained or model_section.checkpoint
     if trained:
         opened["trained"] = load.open_checkpoint(trained)
@@ -66,11 +66,6 @@ def build_segmentor(model_section, *, seed: int = 0, trained: str | None = None,
     elif require_trained:
         raise ConversionError("no trained checkpoint: give --checkpoint (a run's workdir, a step "
                               "folder, a converted folder or a released .pth)")
-    for part, settings in implied.items():
-        if settings:
-            logging.warning("%s: %s implies %s", part, opened.get(part, opened.get("trained")).path,
-                            settings)
-
     config = model_section.segmentor(implied)
     abstract = nnx.eval_shape(lambda: Segmentor(config, rngs=nnx.Rngs(seed)))
     ours = flatten_state(nnx.state(abstract))

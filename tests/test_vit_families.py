@@ -18,7 +18,7 @@ import transformers as hf
 from flax import nnx
 
 from spectralmoe_jax.conversion.rules import ConversionError, load_into_module
-from spectralmoe_jax.conversion.vit import convert_state_dict, detect_scheme
+from spectralmoe_jax.conversion.vit import convert_state_dict, detect_scheme, implied_settings
 from spectralmoe_jax.models.vit import VisionTransformer, ViTConfig, vit_config
 from tests.conftest import relative_error
 from tests.test_vit import randomize
@@ -484,5 +484,8 @@ def test_depth_anything_v2_pth_names_land_on_the_hf_route():
     assert sorted(converted) == sorted(expected)
     for key in expected:
         np.testing.assert_array_equal(converted[key], expected[key], err_msg=key)
-    assert vit_config("depth_anything_v2_vitl14").pos_interp_offset == 0.1
+    # Depth-Anything-V2's `dinov2.py` resizes with the 0.1 offset, as its naming implies.
+    preset = vit_config("depth_anything_v2_vitl14")
+    assert implied_settings("promptda", preset) == {"pos_interp_offset": 0.1,
+                                                    "pos_interp_antialias": False}
     assert vit_config("depth_anything_v2_vitl16").pos_grid == (32, 32)

@@ -18,6 +18,7 @@ import os
 from flax import nnx
 
 from spectralmoe_jax.conversion import load
+from spectralmoe_jax.conversion import vit as vit_conversion
 from spectralmoe_jax.conversion.rules import ConversionError, check_params, flatten_state
 from spectralmoe_jax.models.segmentor import Segmentor
 from spectralmoe_jax.models.vit import VisionTransformer
@@ -49,10 +50,10 @@ def convert_checkpoint(run, input_path: str, output_dir: str) -> str:
         if target not in ("vfm", "depth"):
             raise ConversionError(f"config model.convert_target {target!r}: 'vfm' or 'depth'")
         backbone = getattr(run.model, target)
-        opened.state = load.select_prefix(opened.state, backbone.weights.checkpoint_prefix,
-                                          input_path)
+        opened.state = vit_conversion.select_prefix(
+            opened.state, backbone.weights.checkpoint_prefix, input_path)
         opened.scheme = backbone.weights.checkpoint_scheme
-        implied = load.backbone_implied(opened)
+        implied = load.backbone_implied(opened, backbone.vit(run.model.dtype))
         vit = backbone.vit(run.model.dtype, implied)
         params = load.backbone_params(opened, vit, stem=backbone.weights.stem)
         module = nnx.eval_shape(lambda: VisionTransformer(vit, rngs=nnx.Rngs(0)))

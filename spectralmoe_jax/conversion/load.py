@@ -114,18 +114,8 @@ def open_checkpoint(path: str, *, scheme: str = "auto", prefix: str = "") -> Ope
         meta = read_meta(path)
         return Opened(path, "orbax", _read_orbax(path), implied=dict(meta.get("implied", {})),
                       holds=meta.get("holds", ""))
-    return Opened(path, "torch", select_prefix(load_state_dict(path), prefix, path),
-                  scheme=scheme)
-
-
-def select_prefix(state: dict, prefix: str, path: str) -> dict:
-    """The keys under `prefix` (a sub-model of a larger checkpoint), without it."""
-    if not prefix:
-        return state
-    state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-    if not state:
-        raise ConversionError(f"{path}: no key starts with prefix {prefix!r}")
-    return state
+    return Opened(path, "torch",
+                  vit_conversion.select_prefix(load_state_dict(path), prefix, path), scheme=scheme)
 
 
 def _open_run(directory: str, step: int) -> Opened:
@@ -145,11 +135,17 @@ def _open_run(directory: str, step: int) -> Opened:
     return Opened(os.path.join(directory, str(step)), "run", state, step=step)
 
 
-def backbone_implied(opened: Opened) -> dict[str, Any]:
-    """ViTConfig fields the checkpoint's origin implies; the naming scheme is settled here."""
-    if opened.kind == "torch" and opened.scheme == "auto":
-        opened.scheme = vit_conversion.detect_scheme(opened.state)
-    return dict(opened.implied)
+def backbone_implied(opened: Opened, config) -> dict[str, Any]:
+    """The ViTConfig fields the checkpoint's origin implies that `config` (the preset with the
+    fields set in the run's config) leaves unset (None), logged once; the naming scheme of a
+    PyTorch file is settled here."""
+    implied = dict(opened.implied)
+    if opened.kind == "torch":
+        opened.scheme = vit_conversion.checkpoint_scheme(opened.state, opened.scheme)
+        implied = vit_conversion.implied_settings(opened.scheme, config)
+    resolved = vit_conversion.apply_implied_settings(
+        config, implied, origin=f"{opened.path} ({opened.scheme or 'converted'} weights)")
+    return {name: getattr(resolved, name) for name in implied if getattr(config, name) is None}
 
 
 def backbone_params(opened: Opened, config, *, stem: str = "cyclic") -> dict[str, np.ndarray]:

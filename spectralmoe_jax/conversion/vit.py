@@ -33,11 +33,18 @@ Naming schemes (`scheme=`; 'auto' tells them apart by their keys):
                 `mlp.w1/w2/ffn_ln/w3` or timm's `fc1_g/fc1_x/norm/fc2`; `rope.freqs_cos/sin`
                 buffers are checked against the config, then dropped; `fc_norm`, heads and (when
                 final_norm is off) `norm` are dropped.
-- 'dofa'        zhu-xlab/DOFA `.pth`: timm blocks, `fc_norm` (or `norm`) as the final norm, the
-                dynamic patch embedding by `conversion.dofa_embedding`; with position='sincos' the
-                stored fixed table is dropped (recomputed for the input grid).
-Keys each scheme drops on purpose (mask tokens, heads) are listed in `_IGNORED`; any other key
-that no rule consumes, any parameter left unfilled and any shape mismatch is a ConversionError.
+- 'dofa'        zhu-xlab/DOFA `.pth` and torchgeo's `torchgeo.models.dofa.DOFA` (the same names):
+                timm blocks, `fc_norm` (or `norm`) as the final norm, the dynamic patch embedding
+                by `conversion.dofa_embedding`; with position='sincos' the stored fixed table is
+                dropped (recomputed for the input grid).
+Keys each scheme drops on purpose (mask tokens, heads) are listed in `_IGNORED`; with
+`final_norm=False` the checkpoint's final norm is dropped too (DOFA's pretrained files have none;
+the segmentor never uses it). Any other key that no rule consumes, any parameter left unfilled and
+any shape mismatch is a ConversionError.
+
+The naming scheme also tells which code the weights were made for, and so how that code resizes
+the position table to other input sizes (SPEC 5.2): `implied_settings(scheme, config)` names the
+ViTConfig fields it implies, `apply_implied_settings` fills those the config leaves unset (None).
 
 Options of the released SpectralMoE `tools/convert_models` (and the backbone wrappers'
 `init_weights`): `resize_patch` (patch kernel to `config.patch_size`, e.g. 14 -> 16, bicubic),
@@ -51,10 +58,13 @@ writes the converted arrays once.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from absl import logging
 
 from spectralmoe_jax.conversion.rules import (
     ConversionError,
@@ -226,9 +236,7 @@ def _sam_rules(config: ViTConfig, hf: bool = False) -> list[Rule]:
              Rule(r"pos_embed", "pos_embed", _rows)]
     for stack in ("blocks", "global_blocks"):
         rules += _blocks(stack + r"\.(\d+)\.", target=stack, **block)
-    if config.final_norm:
-        rules += _norm(r"norm", "norm", layer=False)
-    return rules
+    return rules + _norm(r"norm", "norm", layer=False)
 
 
 def _eva02_rules(config: ViTConfig) -> list[Rule]:
@@ -242,9 +250,8 @@ def _eva02_rules(config: ViTConfig) -> list[Rule]:
         Rule(r"pos_embed", "pos_embed", _rows),
         *_blocks(r"blocks\.(\d+)\.", qkv=r"attn\.qkv", proj=r"attn\.proj",
                  ls=(r"gamma_1", r"gamma_2"), mlp=mlp),
+        *_norm(r"norm", "norm", layer=False),
     ]
-    if config.final_norm:
-        rules += _norm(r"norm", "norm", layer=False)
     return rules
 
 
@@ -428,6 +435,97 @@ def detect_scheme(keys) -> str:
                           f"{sorted(keys)[:8]}...; pass scheme= one of {SCHEMES}")
 
 
+def checkpoint_scheme(state_dict: Mapping[str, Any], scheme: str = "auto", *,
+                      prefix: str = "") -> str:
+    """The naming scheme of the (sub-)checkpoint under `prefix`: `scheme` itself unless 'auto'."""
+    if scheme != "auto":
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; expected 'auto' or one of {SCHEMES}")
+        return scheme
+    return detect_scheme(select_prefix(state_dict, prefix))
+
+
+def select_prefix(state_dict: Mapping[str, Any], prefix: str, where: str = "") -> dict:
+    """The keys under `prefix` (a sub-model of a larger checkpoint), without it."""
+    if not prefix:
+        return dict(state_dict)
+    state = {key[len(prefix):]: value for key, value in state_dict.items()
+             if key.startswith(prefix)}
+    if not state:
+        raise ConversionError(f"{where or 'the checkpoint'}: no key starts with prefix {prefix!r}")
+    return state
+
+
+# --- what the weights' origin implies ----------------------------------------------------------
+
+# Where each scheme's weights are run, for the log line.
+_ORIGIN = {"dinov2": "facebookresearch/dinov2", "hf_dinov2": "HF transformers",
+           "promptda": "PromptDA (its copy of facebookresearch/dinov2)",
+           "promptda_hf": "HF transformers (PromptDepthAnything)",
+           "dofa": "the released SpectralMoE DOFA converter", "dinov3": "facebookresearch/dinov3",
+           "hf_dinov3": "HF transformers"}
+
+
+def implied_settings(scheme: str, config: ViTConfig) -> dict[str, Any]:
+    """ViTConfig field values that weights of naming `scheme` imply: the position-table resize of
+    the code they come from (SPEC 5.2). Empty where nothing is implied (RoPE, fixed sin-cos).
+
+    - facebookresearch/dinov2 (`interpolate_pos_encoding`): scale factor (h + 0.1) / M without
+      registers; the register models (hub `*_reg`) pass the output size with antialias.
+    - PromptDA's `torchhub/facebookresearch_dinov2_main`: always (h + 0.1) / M, no antialias.
+    - HF `Dinov2Model` (and PromptDepthAnything's Dinov2Backbone): output size, no antialias;
+      `Dinov2WithRegistersModel`: output size with antialias.
+    - DOFA never resizes at run time (its table must fit); the released converter resizes to
+      the output size without antialias, which is what a size other than the table's gets.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
+    if config.position != "learned" or scheme in ("dinov3", "hf_dinov3"):
+        return {}
+    if _FAMILY[scheme] in ("clip", "sam", "eva02"):
+        # Their presets fix the resize: the released CLIP wrapper's bilinear; for SAM and EVA02
+        # timm's antialiased bicubic, the only code that runs them at other sizes.
+        return {}
+    registers = config.num_register_tokens > 0
+    offset, antialias = {
+        "dinov2": (0.0, True) if registers else (0.1, False),
+        "promptda": (0.1, False),
+        "hf_dinov2": (0.0, registers),
+        "promptda_hf": (0.0, False),
+        "dofa": (0.0, False),
+    }[scheme]
+    return {"pos_interp_offset": offset, "pos_interp_antialias": antialias}
+
+
+def apply_implied_settings(config, implied: Mapping[str, Any], *, origin: str = ""):
+    """`config` (any frozen dataclass) with each implied field set where the config leaves it None.
+
+    A value the user set wins; where it differs from the implied one, the log line says so.
+    Logs one line when anything is implied.
+    """
+    if not implied:
+        return config
+    unset = {name: value for name, value in implied.items() if getattr(config, name) is None}
+    kept = {name: getattr(config, name) for name in implied if name not in unset}
+    parts = [", ".join(f"{name}={value!r}" for name, value in unset.items())] if unset else []
+    differ = [f"{name}={value!r} (the weights imply {implied[name]!r})"
+              for name, value in kept.items() if value != implied[name]]
+    if differ:
+        parts.append("kept as configured: " + ", ".join(differ))
+    if parts:
+        logging.warning("%s: %s", origin or type(config).__name__, "; ".join(parts))
+    return dataclasses.replace(config, **unset)
+
+
+def config_for_checkpoint(state_dict: Mapping[str, Any], config: ViTConfig,
+                          scheme: str = "auto", *, prefix: str = "") -> ViTConfig:
+    """`config` with the settings the checkpoint's naming scheme implies filled in (logged)."""
+    scheme = checkpoint_scheme(state_dict, scheme, prefix=prefix)
+    return apply_implied_settings(
+        config, implied_settings(scheme, config),
+        origin=f"ViT weights named {scheme!r}, as {_ORIGIN[scheme]} resizes the position table")
+
+
 # --- options of the released converters --------------------------------------------------------
 
 def _adapt(params: dict, config: ViTConfig, *, resize_patch: bool, resize_pos: bool,
@@ -466,16 +564,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ViTConfig,
     `prefix` selects a sub-model of a larger checkpoint (e.g. 'backbone.' or
     'depth_anything.pretrained.'): keys outside it are ignored, keys inside lose it.
     """
-    state = {key: np.asarray(value) for key, value in state_dict.items()}
-    if prefix:
-        state = {key[len(prefix):]: value for key, value in state.items()
-                 if key.startswith(prefix)}
-        if not state:
-            raise ConversionError(f"no key of the checkpoint starts with prefix {prefix!r}")
-    if scheme == "auto":
-        scheme = detect_scheme(state)
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; expected 'auto' or one of {SCHEMES}")
+    state = {key: np.asarray(value) for key, value in select_prefix(state_dict, prefix).items()}
+    scheme = checkpoint_scheme(state, scheme)
     if _FAMILY[scheme] != config.family:
         raise ConversionError(f"a {scheme!r} checkpoint holds a {_FAMILY[scheme]} ViT, but the "
                               f"config is of family {config.family!r}")
@@ -483,8 +573,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ViTConfig,
     ignored = _IGNORED[scheme]
     if scheme == "dofa" and config.position != "learned":
         ignored += (r"pos_embed",)  # DOFA's fixed sin-cos table is recomputed, not loaded
-    if scheme == "eva02" and not config.final_norm:
-        ignored += (r"norm\.(?:weight|bias)",)  # features are block outputs (released eva_02.py)
-    params = apply_rules(state, _RULES[scheme](config),
-                         allow_unexpected=(*ignored, *allow_unexpected))
+    rules = _RULES[scheme](config)
+    if not config.final_norm:  # a final norm in the checkpoint is dropped, not an error
+        ignored += tuple(rule.source for rule in rules if rule.target.startswith("norm/"))
+        rules = [rule for rule in rules if not rule.target.startswith("norm/")]
+    params = apply_rules(state, rules, allow_unexpected=(*ignored, *allow_unexpected))
     return _adapt(params, config, resize_patch=resize_patch, resize_pos=resize_pos, stem=stem)

@@ -61,13 +61,19 @@ class ViTConfig:
     num_register_tokens: int = 0  # DINOv2 registers, DINOv3 storage tokens
     position: str = "learned"  # 'learned' | 'rope' (DINOv3: RoPE, no table) | 'sincos' | 'none'
     pos_grid: tuple[int, int] = (37, 37)  # grid of the learned table
-    # Interpolation of the learned table to the input grid, skipped when the grid has the table's
-    # size and the image is square: 'bicubic' (DINOv2, HF, timm) or 'bilinear' (the released CLIP
-    # wrapper). facebookresearch/dinov2 and PromptDA use scale factor (h + 0.1) / M ("offset
-    # 0.1"), the register models, timm (EVA02, SAM) antialias; HF neither.
+    # How the learned table is resized to another input grid, skipped when the grid is the
+    # table's and the image square: 'bicubic' (DINOv2, HF, timm) or 'bilinear' (the released CLIP
+    # wrapper). The code the weights come from decides the rest (SPEC 5.2): facebookresearch/
+    # dinov2 without registers and PromptDA use the scale factor (h + 0.1) / M ("offset 0.1");
+    # its register models use the output size with antialias; HF `Dinov2Model` the output size
+    # without antialias (offset 0.0), `Dinov2WithRegistersModel` with antialias; timm (EVA02,
+    # SAM) antialias. None (the DINOv2 presets) means "as the weights' origin implies": the
+    # loader sets them from the checkpoint's naming scheme (`conversion.vit.implied_settings`);
+    # a value set here wins. Left None without weights, the table is resized to the output size
+    # without antialias.
     pos_interp: str = "bicubic"
-    pos_interp_offset: float = 0.0
-    pos_interp_antialias: bool = False
+    pos_interp_offset: float | None = None
+    pos_interp_antialias: bool | None = None
     # The released SpectralMoE / Rein `clip.py` adds the class embedding to the token and again
     # to the cls position row: cls = 2 class_embedding + pos[0] (OpenAI CLIP adds it once).
     cls_embed_twice: bool = False
@@ -120,9 +126,8 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-_DINOV2 = dict(family="dinov2", patch_size=14, pos_grid=(37, 37), pos_interp_offset=0.1)
-_DINOV2_REG = dict(_DINOV2, num_register_tokens=4, pos_interp_offset=0.0,
-                   pos_interp_antialias=True)
+_DINOV2 = dict(family="dinov2", patch_size=14, pos_grid=(37, 37))
+_DINOV2_REG = dict(_DINOV2, num_register_tokens=4)
 _DINOV3 = dict(family="dinov3", patch_size=16, position="rope", num_register_tokens=4,
                norm_eps=1e-5, mask_k_bias=True)
 _S = dict(width=384, depth=12, num_heads=6, mlp_dim=1536)
@@ -169,7 +174,13 @@ PRESETS: dict[str, dict] = {
     # it to patch 16 with a 32 x 32 table (conversion/vit.py) so its tokens align with DINOv3's.
     "promptda_vitl14": dict(_DINOV2, **_L),
     "promptda_vitl16": dict(_DINOV2, **_L) | dict(patch_size=16, pos_grid=(32, 32)),
-    "dofa_vitl16": dict(family="dofa", patch_size=16, position="sincos", layerscale=False, **_L),
+    # DOFA as the released SpectralMoE runs it (`DOFAVisionTransformer`): the pretrained table
+    # (sin-cos values for 14 x 14 patches) resized bicubically to 32 x 32 on conversion
+    # (`tools/convert_models/convert_dofa_depthmoe.py`), no final norm (DOFA's files have
+    # none). position='sincos' instead recomputes the sin-cos table for the input grid: other
+    # values than the resized table (positions 0..31 rather than 0..13 stretched).
+    "dofa_vitl16": dict(family="dofa", patch_size=16, pos_grid=(32, 32), layerscale=False,
+                        final_norm=False, **_L),
     # Depth-Anything-V2's encoder (`depth_anything_v2/dinov2.py`): DINOv2 without registers,
     # offset 0.1; the patch-16 form aligns its tokens with DINOv3's as promptda_vitl16 does.
     "depth_anything_v2_vits14": dict(_DINOV2, **_S),
@@ -482,16 +493,21 @@ class VisionTransformer(nnx.Module):
 
     def _learned_positions(self, grid, image_hw):
         """[C + h*w, D] (C = 1 with a class token): the table, interpolated to the grid unless it
-        already fits a square image (the skip condition of DINOv2, HF and CLIP, which also
-        decides whether the offset applies)."""
+        already fits a square image.
+
+        The skip condition is DINOv2's and HF's (`npatch == N and w == h`, in pixels): a
+        non-square image whose grid equals the table's is still resampled, which with offset 0.1
+        is not the identity.
+        """
         cfg = self.config
         table = self.pos_embed[...]
-        if grid[0] * grid[1] == cfg.pos_grid[0] * cfg.pos_grid[1] and image_hw[0] == image_hw[1]:
+        if tuple(grid) == tuple(cfg.pos_grid) and image_hw[0] == image_hw[1]:
             return table
         rows = int(cfg.cls_token)
         patches = interpolate_pos_embed(table[rows:], cfg.pos_grid, grid,
-                                        offset=cfg.pos_interp_offset,
-                                        antialias=cfg.pos_interp_antialias, mode=cfg.pos_interp)
+                                        offset=cfg.pos_interp_offset or 0.0,
+                                        antialias=bool(cfg.pos_interp_antialias),
+                                        mode=cfg.pos_interp)
         return jnp.concatenate([table[:rows], patches], axis=0)
 
     def embed(self, images, wavelengths=None):
