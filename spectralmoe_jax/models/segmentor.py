@@ -194,6 +194,12 @@ def is_trainable(path: Sequence, _value=None) -> bool:
     return bool(path) and str(getattr(path[0], "key", path[0])) not in FROZEN_PREFIXES
 
 
+def trained_variables(flat: dict) -> dict:
+    """The entries of a flat {'a/b/c': leaf} model state that training changes: every variable
+    outside the frozen backbones (parameters, and statistics such as a neck's BatchNorm)."""
+    return {k: v for k, v in flat.items() if k.split("/")[0] not in FROZEN_PREFIXES}
+
+
 def trainable_filter():
     """NNX filter of the trainable parameters."""
     return nnx.All(nnx.Param, lambda path, _: is_trainable(path))
