@@ -3,10 +3,10 @@
 What the file holds decides what is converted:
 - a released SpectralMoE / REIN MMSegmentation checkpoint (`decode_head.*` keys): the adapter
   and the head; use the result as `--checkpoint=DIR` (or `--config.model.checkpoint=DIR`);
-- a foundation model (DINOv2 / DINOv3 / PromptDA / DOFA, facebookresearch or HF naming): the
-  backbone named by `--config.model.convert_target` ('vfm', default, or 'depth'), with the
-  released options (patch kernel / position table resize, multispectral stem); use the result as
-  `--config.model.vfm.checkpoint=DIR` (or `depth`).
+- a foundation model (DINOv2 / DINOv3 / PromptDA / DOFA, facebookresearch or HF naming, or an
+  HF Dinov2 exported to `.onnx`): the backbone named by `--config.model.convert_target` ('vfm',
+  default, or 'depth'), with the released options (patch kernel / position table resize,
+  multispectral stem); use the result as `--config.model.vfm.checkpoint=DIR` (or `depth`).
 The folder records what it holds and what its origin implies (`conversion.json`), so loading it
 later builds the same model as loading the original file.
 """
