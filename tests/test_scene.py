@@ -155,6 +155,24 @@ def test_seamless_conv_model_with_tta(tmp_path, np_rng):
     assert (labels[..., 0] == scores.argmax(-1)).mean() > 0.99
 
 
+def test_batch_is_no_larger_than_a_row_of_windows(tmp_path, np_rng):
+    """A tile smaller than the window runs the model on one window, not on a padded batch."""
+    src = write_scene(tmp_path / "tile.tif", 100, 120, 3)
+    weight = np_rng.normal(size=(3, 2)).astype(np.float32)
+    shapes = []
+
+    def predict(x):
+        shapes.append(x.shape)  # at trace time
+        return sum(x[..., c:c + 1] * weight[c] for c in range(3))
+
+    result = predict_scene(predict, src, str(tmp_path / "labels.tif"), num_classes=2,
+                           mean=[128] * 3, std=[64] * 3, window=256, batch_size=4,
+                           patch_multiple=16, progress=False)
+    assert result.num_windows == 1 and shapes == [(1, 112, 128, 3)]
+    image = (read_scene(src)[0] - 128.0) / 64
+    assert_labels_match(read_scene(result.labels_path)[0][..., 0], image @ weight)
+
+
 def test_georeferencing_nodata_and_cog(tmp_path, np_rng):
     k = 3
     src = write_scene(tmp_path / "in.tif", 700, 650, 4, dtype="uint16", nodata=0,

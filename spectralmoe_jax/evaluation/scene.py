@@ -121,6 +121,9 @@ def predict_scene(predict_fn: PredictFn, src_path: str, dst_path: str, *, num_cl
         blocks = [(x0, min(x0 + block_width, width)) for x0 in range(0, width, block_width)]
         block_columns = [[x for x in xs if x < x1 and x + win_w > x0] for x0, x1 in blocks]
         num_windows = len(ys) * sum(len(c) for c in block_columns)
+        # A batch holds windows of one row of a block: no more than a block has columns (a
+        # one-window tile then runs the model once, not once per padded batch slot).
+        batch_size = min(batch_size, max(len(c) for c in block_columns))
         predict, accumulate, scroll = _device_fns(
             predict_fn, (win_h, win_w), blend, num_classes=num_classes,
             patch_multiple=patch_multiple, tta=tta,
