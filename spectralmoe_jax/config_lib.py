@@ -85,6 +85,10 @@ def base_config(data: ml_collections.ConfigDict, *, num_steps: int,
     ))
     config.predict = ml_collections.ConfigDict(dict(
         window=512, overlap=128, flip=False, probabilities=False, routing_maps=False,
+        labels="codes",             # 'codes': the dataset's own label codes; 'ids': train ids
+        probability_dtype="uint8",  # probability bands: 'uint8' (255 p) or 'float16'
+        vector=False,               # also polygons per class (GeoPackage)
+        min_area=0.0,               # drop polygons smaller than this (CRS units squared)
     ))
     config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, fsdp=False))
     return config

@@ -25,10 +25,11 @@ def eval(config, workdir, **_):  # noqa: A001 - the mode's name
 
 
 def predict(config, workdir, input_path=None, output_path=None, **_):
-    from spectralmoe_jax.evaluation.runner import load_model_for_inference, predict_paths
+    from spectralmoe_jax.evaluation.predict import predict_paths
+    from spectralmoe_jax.evaluation.runner import load_model_for_inference
 
     if not input_path:
-        raise ValueError("--mode predict needs --input: a GeoTIFF scene or a folder of them")
+        raise ValueError("--mode predict needs --input: a GeoTIFF / PNG scene or a folder of them")
     model, _ = load_model_for_inference(config, workdir)
     return predict_paths(model, config, input_path, output_path or os.path.join(workdir, "predictions"))
 
@@ -87,7 +88,8 @@ def demo(config, workdir, **_):
     """The whole job: evaluate the untrained model on the unseen domain, train, evaluate again
     (with the HTML report), predict the unseen tiles as GeoTIFFs and PNGs."""
     from spectralmoe_jax.data.pipeline import make_eval_source
-    from spectralmoe_jax.evaluation.runner import Evaluator, predict_paths
+    from spectralmoe_jax.evaluation.predict import predict_paths
+    from spectralmoe_jax.evaluation.runner import Evaluator
     from spectralmoe_jax.training.trainer import Training
 
     training = Training(config, workdir)
