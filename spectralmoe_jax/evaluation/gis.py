@@ -160,7 +160,8 @@ def qgis_style(encoding: LabelEncoding, band: int = 1) -> str:
         f"color={quoteattr('#%02x%02x%02x' % color)} alpha=\"255\" label={quoteattr(name)}/>"
         for value, name, color in zip(encoding.values, encoding.names, encoding.colors))
     return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
-<qgis version="3.28.0" styleCategories="AllStyleCategories" hasScaleBasedVisibilityFlag="0" minScale="1e+08" maxScale="0">
+<qgis version="3.28.0" styleCategories="AllStyleCategories" hasScaleBasedVisibilityFlag="0"
+      minScale="1e+08" maxScale="0">
   <pipe>
     <rasterrenderer type="paletted" band="{band}" opacity="1" alphaBand="-1" nodataColor="">
       <rasterTransparency/>
@@ -169,7 +170,7 @@ def qgis_style(encoding: LabelEncoding, band: int = 1) -> str:
       </colorPalette>
     </rasterrenderer>
     <brightnesscontrast brightness="0" contrast="0" gamma="1"/>
-    <huesaturation saturation="0" grayscaleMode="0" colorizeOn="0" colorizeRed="255" colorizeGreen="128" colorizeBlue="128" colorizeStrength="100"/>
+    <huesaturation saturation="0" grayscaleMode="0" colorizeOn="0"/>
     <rasterresampler maxOversampling="2"/>
   </pipe>
   <blendMode>0</blendMode>

@@ -71,8 +71,9 @@ def input_paths(spec: DatasetSpec, input_path) -> list[str]:
     elif os.path.isdir(input_path):
         paths = list_scenes(spec, input_path)
         if not paths:
-            raise FileNotFoundError(f"no images to predict in {input_path} (config.data.splits "
-                                    f"globs or *{'/*'.join(FORMAT_EXTENSIONS.get(spec.format, ()))})")
+            raise FileNotFoundError(f"no images to predict in {input_path}: nothing matches "
+                                    "the config.data.splits globs or the format's extensions "
+                                    f"{FORMAT_EXTENSIONS[spec.format]}")
     else:
         paths = [input_path]
     for path in paths:
