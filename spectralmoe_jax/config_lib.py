@@ -90,6 +90,10 @@ def base_config(data: ml_collections.ConfigDict, *, num_steps: int,
         vector=False,               # also polygons per class (GeoPackage)
         min_area=0.0,               # drop polygons smaller than this (CRS units squared)
     ))
+    # `--mode export`: ONNX (QGIS Deepness, onnxruntime) and jax.export at a fixed tile size.
+    config.export = ml_collections.ConfigDict(dict(
+        tile_size=512, opset=17, resolution_cm=0.0,  # 0: the resolution of the check tile
+    ))
     config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, fsdp=False))
     return config
 

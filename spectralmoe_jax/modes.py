@@ -34,6 +34,15 @@ def predict(config, workdir, input_path=None, output_path=None, **_):
     return predict_paths(model, config, input_path, output_path or os.path.join(workdir, "predictions"))
 
 
+def export(config, workdir, output_path=None, **_):
+    """The workdir's model as ONNX and jax.export at config.export.tile_size, self-checked."""
+    from spectralmoe_jax.evaluation.runner import load_model_for_inference
+    from spectralmoe_jax.export import export_model
+
+    model, _ = load_model_for_inference(config, workdir)
+    return export_model(model, config, output_path or os.path.join(workdir, "export"))
+
+
 def validate(config, workdir, **_):
     from spectralmoe_jax.data.validate import validate_dataset
 

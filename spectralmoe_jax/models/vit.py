@@ -63,6 +63,9 @@ class ViTConfig:
     # 'dots' keeps only matmul outputs and recomputes the elementwise work between them, 'full'
     # keeps only each block's input and recomputes the whole block.
     remat: str = "none"
+    # True: the blocks run under lax.scan (one compiled block). False: the same stacked blocks
+    # unrolled in Python, for exporters that mis-lower this scan (ONNX via jax2onnx).
+    scan_layers: bool = True
 
 
 REMAT_POLICIES = {
@@ -351,8 +354,15 @@ class VisionTransformer(nnx.Module):
                              f"{sorted(REMAT_POLICIES)}")
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
-        tokens, (layers, aux) = jax.lax.scan(
-            body, tokens, (block_state, jnp.arange(cfg.depth, dtype=jnp.int32)))
+        scanned = (block_state, jnp.arange(cfg.depth, dtype=jnp.int32))
+        if cfg.scan_layers:
+            tokens, (layers, aux) = jax.lax.scan(body, tokens, scanned)
+        else:
+            outputs = []
+            for i in range(cfg.depth):
+                tokens, out = body(tokens, jax.tree.map(lambda a: a[i], scanned))
+                outputs.append(out)
+            layers, aux = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
         normed = tokens if self.norm is None else self.norm(tokens)
         return ViTOutput(tokens=tokens, normed=normed, layers=layers, hook_aux=aux, grid=grid,
                          num_prefix=num_prefix)

@@ -1,0 +1,105 @@
+"""Export: ONNX under onnxruntime and the deserialised jax.export equal the JAX model on a
+real FLAIR #2 tile; the ONNX carries the metadata QGIS Deepness reads."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import rasterio
+from flax import nnx
+from rasterio.windows import Window
+
+from spectralmoe_jax import export
+from spectralmoe_jax.data.spec import dataset_spec
+from spectralmoe_jax.models.segmentor import build_segmentor
+from spectralmoe_jax.models.vit import VisionTransformer, vit_config
+from tests.conftest import relative_error
+from tests.tiny import tiny_config
+
+TILE = 64
+
+
+def test_unrolled_vit_equals_the_scanned_one(np_rng):
+    # The ONNX export runs the ViT blocks as a Python loop over the same stacked parameters.
+    cfg = dataclasses.replace(vit_config("dinov3_vits16"), width=32, depth=3, num_heads=2,
+                              mlp_dim=64)
+    scanned = VisionTransformer(cfg, rngs=nnx.Rngs(0))
+    unrolled_cfg = dataclasses.replace(cfg, scan_layers=False)
+    unrolled = nnx.merge(nnx.graphdef(nnx.eval_shape(
+        lambda: VisionTransformer(unrolled_cfg, rngs=nnx.Rngs(0)))), nnx.state(scanned))
+    x = jnp.asarray(np_rng.normal(size=(2, 48, 32, 3)), jnp.float32)
+
+    def hook(index, tokens):  # depends on the layer index, as the adapter does
+        return tokens * (1.0 + 0.1 * index), {"index": index}
+
+    a, b = scanned(x, hook=hook), unrolled(x, hook=hook)
+    assert relative_error(b.tokens, a.tokens) < 1e-6
+    assert relative_error(b.layers, a.layers) < 1e-6
+    np.testing.assert_array_equal(b.hook_aux["index"], [0, 1, 2])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    config = tiny_config()
+    config.model.vfm.overrides.depth = 1
+    config.model.depth.overrides.depth = 1
+    config.model.feature_layers = (0, 0, 0, 0)
+    config.model.decoder.decoder_layers = 1
+    config.export.tile_size = TILE
+    model = build_segmentor(config.model, seed=0)
+    out = str(tmp_path_factory.mktemp("export"))
+    return model, config, export.export_model(model, config, out)
+
+
+def test_onnx_and_jax_export_equal_jax_on_a_real_tile(exported):
+    model, config, result = exported
+    # The export checked itself on the first evaluation tile (real FLAIR #2 imagery).
+    assert result.check["tile"].endswith("D004_2021_IMG_000473_aerial.tif")
+    for name in ("onnxruntime", "jax_export"):
+        assert result.check[name]["relative_error"] < 1e-4
+        assert result.check[name]["labels_equal_away_from_ties"]
+    # Again here, on another real tile, through the files as a user loads them.
+    spec = dataset_spec(config.data)
+    with rasterio.open(os.path.join(config.data.root, "D074_2020_IMG_050549_aerial.tif")) as src:
+        raw = src.read([1, 2, 3, 4], window=Window(100, 200, TILE, TILE)).astype(np.float32)
+    tile = ((raw - spec.mean[:, None, None]) / spec.std[:, None, None])[None]
+    reference = np.asarray(jax.jit(lambda x: export.tile_probabilities(model, x))(tile))
+    assert reference.shape == (1, 12, TILE, TILE)
+    np.testing.assert_allclose(reference.sum(1), 1.0, rtol=1e-5)
+    session = export.onnx_session(result.onnx_path)
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert session.get_inputs()[0].shape == [1, 4, TILE, TILE]
+    onnx_out = session.run(["probabilities"], {"image": tile})[0]
+    assert relative_error(onnx_out, reference) < 1e-4
+    fn, weights = export.load_jax_export(result.jax_path, result.params_path)
+    jax_out = np.asarray(fn.call(weights, tile))
+    assert relative_error(jax_out, reference) < 1e-4
+    for out in (onnx_out, jax_out):
+        check = export.compare(reference, out)
+        assert check["labels_equal_away_from_ties"] and check["decided_fraction"] > 0.99
+
+
+def test_deepness_metadata_maps_its_input_to_ours(exported):
+    _, config, result = exported
+    spec = dataset_spec(config.data)
+    meta = {k: json.loads(v) for k, v in
+            export.onnx_session(result.onnx_path).get_modelmeta().custom_metadata_map.items()}
+    assert meta["model_type"] == "Segmentor"
+    assert meta["class_names"] == {str(k): n for k, n in enumerate(spec.class_names)}
+    assert meta["tiles_size"] == TILE and meta["tiles_overlap"] == 25
+    assert meta["resolution"] == pytest.approx(20.0)  # FLAIR: 0.2 m pixels
+    # Deepness feeds (x / 255 - mean') / std' (its preprocessing_utils): our normalisation.
+    x = np.random.default_rng(0).integers(0, 256, (4, 8)).astype(np.float32)
+    deepness = (x / 255 - np.array(meta["standardization_mean"])[:, None]) / np.array(
+        meta["standardization_std"])[:, None]
+    ours = (x / spec.value_scale - spec.mean[:, None]) / spec.std[:, None]
+    np.testing.assert_allclose(deepness, ours, rtol=1e-5, atol=1e-5)
+    with open(result.info_path) as f:
+        info = json.load(f)
+    assert info["input"]["bands"] == ["R", "G", "B", "NIR"]
+    assert [c["code"] for c in info["output"]["classes"]] == list(range(1, 13))
+    assert info["check"]["onnxruntime"]["relative_error"] < 1e-4
