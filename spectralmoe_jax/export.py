@@ -65,15 +65,14 @@ def tile_probabilities(model, tiles: jax.Array) -> jax.Array:
     return jnp.transpose(probs, (0, 3, 1, 2))
 
 
-def export_model_config(model_config, *, scan_layers: bool):
-    """The model config an exported graph is traced from: float32 compute, XLA attention
-    (no cuDNN or Pallas kernels), and for ONNX the ViT blocks unrolled (jax2onnx 0.17 lowers
-    the ViT's scan into a graph onnxruntime rejects; the decoders' scans convert fine)."""
+def export_model_config(model_config):
+    """The model config an exported graph is traced from: float32 compute and XLA attention
+    (no cuDNN or Pallas kernels, which neither ONNX nor other platforms have)."""
     cfg = ml_collections.ConfigDict(model_config.to_dict())  # an unlocked copy
     cfg.dtype = "float32"
     for name in ("vfm", "depth"):
         cfg[name].overrides = dict(cfg[name].get("overrides", {}), dtype="float32",
-                                   attention="xla", scan_layers=scan_layers)
+                                   attention="xla")
     return cfg
 
 
@@ -233,11 +232,10 @@ def export_model(model, config, output_dir: str) -> ExportResult:
     tile, tile_source, resolution = check_tile(config, spec, tile_size)
     resolution = float(config.export.get("resolution_cm", 0.0)) or resolution
 
-    jax_model = with_model_config(model, export_model_config(config.model, scan_layers=True))
-    onnx_model = with_model_config(model, export_model_config(config.model, scan_layers=False))
+    jax_model = with_model_config(model, export_model_config(config.model))
     reference = np.asarray(jax.jit(lambda x: tile_probabilities(jax_model, x))(tile))
 
-    to_onnx(onnx_model, spec.num_bands, tile_size, paths[ONNX_NAME],
+    to_onnx(jax_model, spec.num_bands, tile_size, paths[ONNX_NAME],
             int(config.export.get("opset", 17)), deepness_metadata(config, spec, resolution))
     onnx_out = onnx_session(paths[ONNX_NAME]).run(["probabilities"], {"image": tile})[0]
 

@@ -1,45 +1,22 @@
 """Export: ONNX under onnxruntime and the deserialised jax.export equal the JAX model on a
 real FLAIR #2 tile; the ONNX carries the metadata QGIS Deepness reads."""
 
-import dataclasses
 import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import rasterio
-from flax import nnx
 from rasterio.windows import Window
 
 from spectralmoe_jax import export
 from spectralmoe_jax.data.spec import dataset_spec
 from spectralmoe_jax.models.segmentor import build_segmentor
-from spectralmoe_jax.models.vit import VisionTransformer, vit_config
 from tests.conftest import relative_error
 from tests.tiny import tiny_config
 
 TILE = 64
-
-
-def test_unrolled_vit_equals_the_scanned_one(np_rng):
-    # The ONNX export runs the ViT blocks as a Python loop over the same stacked parameters.
-    cfg = dataclasses.replace(vit_config("dinov3_vits16"), width=32, depth=3, num_heads=2,
-                              mlp_dim=64)
-    scanned = VisionTransformer(cfg, rngs=nnx.Rngs(0))
-    unrolled_cfg = dataclasses.replace(cfg, scan_layers=False)
-    unrolled = nnx.merge(nnx.graphdef(nnx.eval_shape(
-        lambda: VisionTransformer(unrolled_cfg, rngs=nnx.Rngs(0)))), nnx.state(scanned))
-    x = jnp.asarray(np_rng.normal(size=(2, 48, 32, 3)), jnp.float32)
-
-    def hook(index, tokens):  # depends on the layer index, as the adapter does
-        return tokens * (1.0 + 0.1 * index), {"index": index}
-
-    a, b = scanned(x, hook=hook), unrolled(x, hook=hook)
-    assert relative_error(b.tokens, a.tokens) < 1e-6
-    assert relative_error(b.layers, a.layers) < 1e-6
-    np.testing.assert_array_equal(b.hook_aux["index"], [0, 1, 2])
 
 
 @pytest.fixture(scope="module")

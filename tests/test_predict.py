@@ -177,3 +177,25 @@ def test_png_input_gives_png_labels(tmp_path):
     scores = ((rgb - 128.0) / 64.0) @ weight
     decided = np.diff(np.sort(scores, -1)[..., -2:], axis=-1)[..., 0] > 1e-4
     np.testing.assert_array_equal(codes[decided], scores.argmax(-1)[decided] + 1)
+
+
+def test_scene_reader_names_the_file_and_the_problem(folder):
+    from spectralmoe_jax.evaluation.scene_io import SceneReader
+
+    spec = dataset_spec(benchmarks.flair2_demo())
+    good = SceneInput.from_spec(spec)
+    assert good.bands == (0, 1, 2, 3) and good.band_count == 5
+    with SceneReader(str(folder / "D004_2021_IMG_000687_aerial.tif"), good) as reader:
+        assert reader.indexes == [1, 2, 3, 4] and reader.georeferenced
+        window = reader.read(Window(0, 0, 8, 4))
+    assert window.shape == (4, 8, 4) and window.dtype == np.float32
+    corrupt = str(folder / "D001_2020_IMG_000001_aerial.tif")
+    with pytest.raises(DataError, match="D001_2020_IMG_000001_aerial.tif: cannot open"):
+        SceneReader(corrupt, good)
+    mask = str(folder / "D004_2021_IMG_000687_mask.tif")
+    with pytest.raises(DataError, match="_mask.tif: has 1 bands, config expects 5"):
+        SceneReader(mask, good)
+    named = SceneInput(good.mean, good.std, bands=("R", "G", "B", "SWIR"),
+                       band_names=("R", "G", "B", "NIR", "elevation"))
+    with pytest.raises(DataError, match="band name 'SWIR' is not one of config.data.band_names"):
+        SceneReader(str(folder / "D004_2021_IMG_000687_aerial.tif"), named)

@@ -63,9 +63,6 @@ class ViTConfig:
     # 'dots' keeps only matmul outputs and recomputes the elementwise work between them, 'full'
     # keeps only each block's input and recomputes the whole block.
     remat: str = "none"
-    # True: the blocks run under lax.scan (one compiled block). False: the same stacked blocks
-    # unrolled in Python, for exporters that mis-lower this scan (ONNX via jax2onnx).
-    scan_layers: bool = True
 
 
 REMAT_POLICIES = {
@@ -188,7 +185,8 @@ class Attention(nnx.Module):
         if cfg.qkv_bias:
             bias = self.qkv.bias[...]
             if cfg.mask_k_bias:  # dinov3 LinearKMaskedBias: bias * [1, 0, 1] over (q, k, v)
-                bias = bias.at[cfg.width:2 * cfg.width].set(0.0)
+                # (a product, as dinov3's, rather than a scatter: this exports to ONNX)
+                bias = bias * np.repeat(np.array([1, 0, 1], bias.dtype), cfg.width)
             qkv = qkv + bias.astype(dtype)
         q, k, v = rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=cfg.num_heads)
         if rope is not None:
@@ -354,15 +352,8 @@ class VisionTransformer(nnx.Module):
                              f"{sorted(REMAT_POLICIES)}")
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
-        scanned = (block_state, jnp.arange(cfg.depth, dtype=jnp.int32))
-        if cfg.scan_layers:
-            tokens, (layers, aux) = jax.lax.scan(body, tokens, scanned)
-        else:
-            outputs = []
-            for i in range(cfg.depth):
-                tokens, out = body(tokens, jax.tree.map(lambda a: a[i], scanned))
-                outputs.append(out)
-            layers, aux = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+        tokens, (layers, aux) = jax.lax.scan(
+            body, tokens, (block_state, jnp.arange(cfg.depth, dtype=jnp.int32)))
         normed = tokens if self.norm is None else self.norm(tokens)
         return ViTOutput(tokens=tokens, normed=normed, layers=layers, hook_aux=aux, grid=grid,
                          num_prefix=num_prefix)
