@@ -1,30 +1,37 @@
 """Building blocks of the experiment configs in `configs/`.
 
 Every config is `base_config(data)` plus the few fields its benchmark changes: the released
-recipe (SPEC section 2) lives here once, and `configs/*.py` stay a screen long.
+recipe (SPEC section 2) lives in the sections' dataclasses (`run_config.py` and beside the
+modules they configure), written here into one `ConfigDict` with every field present, so that
+`configs/*.py` stay a screen long and the command line can set any field.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-# Released `paramwise_cfg.custom_keys` with decay_mult 0, as substrings of our parameter paths.
-NO_DECAY_KEYS = (
-    "norm", "query_embed", "query_feat", "level_embed",
-    "experts_a", "experts_b", "w_gate", "w_noise", "scale", "learnable_tokens",
-)
+from spectralmoe_jax.models.mask2former import Mask2FormerConfig
+from spectralmoe_jax.models.spectral_moe import AdapterConfig
+from spectralmoe_jax.models.vit import ViTConfig
+from spectralmoe_jax.run_config import (EvalConfig, ExportConfig, LossConfig, MeshConfig,
+                                        PredictConfig, TrainConfig, WeightsConfig, section_config)
+
+# Fields the run derives from other sections unless a config sets them.
+ADAPTER_DERIVED = ("num_layers", "width", "dtype")  # from the VFM and model.dtype
+DECODER_DERIVED = ("in_channels", "num_classes", "dtype", "learn_query_position",
+                   "replace_query_feat")  # from the VFM, the data and the adapter
 
 
 def vfm_config(preset: str = "dinov3_vitl16", **overrides) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        preset=preset,
-        # Any ViTConfig field; these two are listed so that the command line can set them
-        # (--config.model.vfm.overrides.remat=dots): the measured choices of issue 7.
-        overrides=dict(dict(attention="auto", remat="none"), **overrides),
-        checkpoint="",         # a PyTorch (.pth / .safetensors / ...) or converted Orbax path
-        checkpoint_scheme="auto",
-        stem="cyclic",         # multispectral stem: 'cyclic' (released) or 'timm' (repeat, rescale)
-    ))
+    """A ViT preset; every ViTConfig field is in `overrides`, None meaning the preset's value
+    (`--config.model.vfm.overrides.width=64`)."""
+    cfg = section_config(WeightsConfig)
+    cfg.preset = preset
+    cfg.overrides = section_config(ViTConfig, left=ViT_FIELDS, **overrides)
+    return cfg
+
+
+ViT_FIELDS = tuple(ViTConfig.__dataclass_fields__)
 
 
 def depth_config(bands=(0, 1, 2), preset: str = "promptda_vitl16", **overrides):
@@ -37,20 +44,14 @@ def depth_config(bands=(0, 1, 2), preset: str = "promptda_vitl16", **overrides):
     return cfg
 
 
-def adapter_config(kind: str = "spectral_moe", **overrides) -> ml_collections.ConfigDict:
-    cfg = dict(
-        enabled=True, kind=kind, num_experts=6, top_k=1, rank=16, num_tokens=100,
-        gate_p=2.0, fusion="attention", use_depth=True, dual_gating=True, use_moe=True,
-        link_token_to_query=True,
-    )
-    cfg.update(overrides)
-    return ml_collections.ConfigDict(cfg)
+def adapter_config(**overrides) -> ml_collections.ConfigDict:
+    cfg = section_config(AdapterConfig, left=ADAPTER_DERIVED, **overrides)
+    cfg.enabled = True
+    return cfg
 
 
-def decoder_config(num_classes: int, **overrides) -> ml_collections.ConfigDict:
-    cfg = dict(num_classes=num_classes)
-    cfg.update(overrides)
-    return ml_collections.ConfigDict(cfg)
+def decoder_config(**overrides) -> ml_collections.ConfigDict:
+    return section_config(Mask2FormerConfig, left=DECODER_DERIVED, **overrides)
 
 
 def base_config(data: ml_collections.ConfigDict, *, num_steps: int,
@@ -65,36 +66,21 @@ def base_config(data: ml_collections.ConfigDict, *, num_steps: int,
         vfm=vfm_config(vfm, in_channels=len(data.bands)),
         depth=depth_config(bands=data.get("rgb_bands") or (0, 1, 2)),
         adapter=adapter_config(),
-        decoder=decoder_config(data.num_classes),
-        feature_layers=(7, 11, 15, 23),
+        decoder=decoder_config(),
+        # VFM blocks feeding the decoder; None: the released 7, 11, 15, 23 scaled to the depth.
+        feature_layers=ml_collections.config_dict.placeholder(tuple),
         wavelengths=tuple(data.get("wavelengths") or ()),  # per band, um: DOFA needs them
         checkpoint="",          # trained adapter + head: released .pth or `--mode convert` output
         convert_target="vfm",   # `--mode convert` of a foundation-model file: 'vfm' or 'depth'
     ))
-    config.loss = ml_collections.ConfigDict(dict(num_points=12544))
-    config.train = ml_collections.ConfigDict(dict(
-        batch_size=8, num_steps=num_steps, learning_rate=1e-4, weight_decay=0.05,
-        poly_power=0.9, warmup_steps=0, end_learning_rate=0.0, clip_grad_norm=0.0,
-        grad_accum_steps=1, no_decay_keys=NO_DECAY_KEYS, log_every=50,
-        checkpoint_every=max(num_steps // 10, 1), eval_every=max(num_steps // 10, 1),
-        keep_checkpoints=3, validate_data=True, tensorboard=True,
-    ))
-    config.eval = ml_collections.ConfigDict(dict(
-        mode="whole", window=512, stride=341, batch_size=4, flip=False, split="target",
-        report=True,
-    ))
-    config.predict = ml_collections.ConfigDict(dict(
-        window=512, overlap=128, flip=False, probabilities=False, routing_maps=False,
-        labels="codes",             # 'codes': the dataset's own label codes; 'ids': train ids
-        probability_dtype="uint8",  # probability bands: 'uint8' (255 p) or 'float16'
-        vector=False,               # also polygons per class (GeoPackage)
-        min_area=0.0,               # drop polygons smaller than this (CRS units squared)
-    ))
-    # `--mode export`: ONNX (QGIS Deepness, onnxruntime) and jax.export at a fixed tile size.
-    config.export = ml_collections.ConfigDict(dict(
-        tile_size=512, opset=17, resolution_cm=0.0,  # 0: the resolution of the check tile
-    ))
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, fsdp=False))
+    config.loss = section_config(LossConfig)
+    every = max(num_steps // 10, 1)
+    config.train = section_config(TrainConfig, num_steps=num_steps, checkpoint_every=every,
+                                  eval_every=every)
+    config.eval = section_config(EvalConfig)
+    config.predict = section_config(PredictConfig)
+    config.export = section_config(ExportConfig)
+    config.mesh = section_config(MeshConfig)
     return config
 
 

@@ -1,7 +1,7 @@
 """`--mode export`: the trained segmentor for use outside this package, at a fixed tile size.
 
 One function is exported, `tile_probabilities`: a normalised tile [1, C, S, S] (bands in
-`config.data.bands` order, (x / value_scale - mean) / std) -> class probabilities
+`data.bands` order, (x / value_scale - mean) / std) -> class probabilities
 [1, K, S, S], the Mask2Former semantic scores normalised to sum to 1 over the classes (their
 argmax is the predicted class). Channels first, as the QGIS Deepness plugin feeds its models.
 
@@ -28,11 +28,12 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from spectralmoe_jax.data.spec import DataError, dataset_spec
+from spectralmoe_jax.data.spec import DataError
+from spectralmoe_jax.errors import ConfigError
+from spectralmoe_jax.models.segmentor import Segmentor, SegmentorConfig
 
 TOLERANCE = 1e-4
 ONNX_NAME, JAX_NAME, PARAMS_NAME, INFO_NAME = ("model.onnx", "model.jax_export",
@@ -65,37 +66,40 @@ def tile_probabilities(model, tiles: jax.Array) -> jax.Array:
     return jnp.transpose(probs, (0, 3, 1, 2))
 
 
-def export_model_config(model_config):
-    """The model config an exported graph is traced from: float32 compute and XLA attention
-    (no cuDNN or Pallas kernels, which neither ONNX nor other platforms have)."""
-    cfg = ml_collections.ConfigDict(model_config.to_dict())  # an unlocked copy
-    cfg.dtype = "float32"
-    for name in ("vfm", "depth"):
-        cfg[name].overrides = dict(cfg[name].get("overrides", {}), dtype="float32",
-                                   attention="xla")
-    return cfg
+def export_segmentor_config(config: SegmentorConfig) -> SegmentorConfig:
+    """The model an exported graph is traced from: float32 compute and XLA attention (no cuDNN
+    or Pallas kernels, which neither ONNX nor the other platforms have)."""
+    f32 = jnp.dtype("float32")
+
+    def vit(c):
+        return None if c is None else dataclasses.replace(c, dtype="float32", attention="xla")
+
+    adapter = config.adapter and dataclasses.replace(config.adapter, dtype=f32)
+    return dataclasses.replace(config, vfm=vit(config.vfm), depth=vit(config.depth),
+                               adapter=adapter,
+                               decoder=dataclasses.replace(config.decoder, dtype=f32))
 
 
-def with_model_config(model, model_config):
-    """`model`'s weights in the module structure `model_config` describes (same parameters:
-    the export settings change computation, not weights)."""
-    from spectralmoe_jax.models.segmentor import Segmentor
-
-    abstract = nnx.eval_shape(lambda: Segmentor(model_config, rngs=nnx.Rngs(0)))
+def for_export(model: Segmentor) -> Segmentor:
+    """`model`'s weights in the module structure of `export_segmentor_config` (the settings
+    change how it computes, not its parameters)."""
+    config = export_segmentor_config(model.config)
+    abstract = nnx.eval_shape(lambda: Segmentor(config, rngs=nnx.Rngs(0)))
     return nnx.merge(nnx.graphdef(abstract), nnx.state(model))
 
 
-def deepness_metadata(config, spec, resolution_cm: float | None) -> dict[str, str]:
+def deepness_metadata(run, resolution_cm: float | None) -> dict[str, str]:
     """Deepness reads these keys (JSON values): the model's type and classes, its tile size and
     overlap, the ground resolution, and the standardisation after its x / 255: with
     mean' = mean * value_scale / 255 and std' = std * value_scale / 255, Deepness'
     (x / 255 - mean') / std' is our (x / value_scale - mean) / std."""
+    spec = run.data
     scale = spec.value_scale / 255.0
     meta = {
         "model_type": "Segmentor",
         "class_names": {k: name for k, name in enumerate(spec.class_names)},
-        "tiles_size": int(config.export.tile_size),
-        "tiles_overlap": int(round(100 * config.predict.overlap / config.predict.window)),
+        "tiles_size": run.export.tile_size,
+        "tiles_overlap": int(round(100 * run.predict.overlap / run.predict.window)),
         "standardization_mean": [float(m) * scale for m in spec.mean],
         "standardization_std": [float(s) * scale for s in spec.std],
         "seg_thresh": 0.0,  # keep every pixel's argmax
@@ -106,7 +110,7 @@ def deepness_metadata(config, spec, resolution_cm: float | None) -> dict[str, st
     return {key: json.dumps(value) for key, value in meta.items()}
 
 
-def check_tile(config, spec, tile_size: int) -> tuple[np.ndarray, str, float | None]:
+def check_tile(run, tile_size: int) -> tuple[np.ndarray, str, float | None]:
     """A real normalised tile [1, C, S, S] of the dataset (its first evaluation image, top left,
     zero-padded), its source and its ground resolution in cm when georeferenced in metres;
     random normal values when the dataset's files are not at hand."""
@@ -115,8 +119,8 @@ def check_tile(config, spec, tile_size: int) -> tuple[np.ndarray, str, float | N
     from spectralmoe_jax.data.layout import list_tiles
     from spectralmoe_jax.evaluation.scene_io import SceneInput, SceneReader
 
+    spec, split = run.data, run.eval.split
     try:
-        split = config.eval.get("split", "target")
         path = list_tiles(spec, split if split in spec.splits else next(iter(spec.splits)))[0]
         path = path.image_path
         with SceneReader(path, SceneInput.from_spec(spec)) as reader:
@@ -214,29 +218,29 @@ def load_jax_export(jax_path: str, params_path: str):
     return exported, weights
 
 
-def export_model(model, config, output_dir: str) -> ExportResult:
+def export_model(model: Segmentor, run, output_dir: str) -> ExportResult:
     """Exports `model` (its trained weights) as ONNX and jax.export into `output_dir`, checks
     both against the JAX model on a real tile and writes export.json. See the module doc."""
     from spectralmoe_jax.evaluation.gis import label_encoding
     from spectralmoe_jax.evaluation.runner import patch_multiple
 
-    spec = dataset_spec(config.data)
-    tile_size = int(config.export.tile_size)
+    spec = run.data
+    tile_size = run.export.tile_size
     multiple = patch_multiple(model)
     if tile_size % multiple:
-        raise DataError(f"config.export.tile_size {tile_size} must be a multiple of {multiple} "
+        raise ConfigError(f"config.export.tile_size {tile_size} must be a multiple of {multiple} "
                         "(the patch size, halved once more by the stride-32 level)")
     os.makedirs(output_dir, exist_ok=True)
     paths = {name: os.path.join(output_dir, name)
              for name in (ONNX_NAME, JAX_NAME, PARAMS_NAME, INFO_NAME)}
-    tile, tile_source, resolution = check_tile(config, spec, tile_size)
-    resolution = float(config.export.get("resolution_cm", 0.0)) or resolution
+    tile, tile_source, resolution = check_tile(run, tile_size)
+    resolution = run.export.resolution_cm or resolution
 
-    jax_model = with_model_config(model, export_model_config(config.model))
+    jax_model = for_export(model)
     reference = np.asarray(jax.jit(lambda x: tile_probabilities(jax_model, x))(tile))
 
     to_onnx(jax_model, spec.num_bands, tile_size, paths[ONNX_NAME],
-            int(config.export.get("opset", 17)), deepness_metadata(config, spec, resolution))
+            run.export.opset, deepness_metadata(run, resolution))
     onnx_out = onnx_session(paths[ONNX_NAME]).run(["probabilities"], {"image": tile})[0]
 
     to_jax_export(jax_model, spec.num_bands, tile_size, paths[JAX_NAME], paths[PARAMS_NAME])
@@ -245,7 +249,7 @@ def export_model(model, config, output_dir: str) -> ExportResult:
 
     check = {"tile": tile_source, "onnxruntime": compare(reference, onnx_out),
              "jax_export": compare(reference, jax_out), "tolerance": TOLERANCE}
-    labels = label_encoding(spec, config.predict.get("labels", "codes"))
+    labels = label_encoding(spec, run.predict.labels)
     info = {
         "function": "normalised tile [1, C, S, S] -> class probabilities [1, K, S, S]",
         "input": {"name": "image", "layout": "NCHW", "tile_size": tile_size,
@@ -255,8 +259,7 @@ def export_model(model, config, output_dir: str) -> ExportResult:
         "output": {"name": "probabilities", "layout": "NCHW",
                    "classes": [{"id": k, "code": code, "name": name} for k, (code, name)
                                in enumerate(zip(labels.values, labels.names))]},
-        "deepness": {k: json.loads(v) for k, v in deepness_metadata(config, spec,
-                                                                     resolution).items()},
+        "deepness": {k: json.loads(v) for k, v in deepness_metadata(run, resolution).items()},
         "check": check,
     }
     with open(paths[INFO_NAME], "w") as f:

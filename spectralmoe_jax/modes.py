@@ -1,116 +1,202 @@
-"""One function per `--mode` of the entry point: `(config, workdir, input_path, output_path)`."""
+"""One function per `--mode` of the entry point: `(run, paths)`, `run` the parsed `RunConfig`,
+`paths` the command line's folders and files (`Paths`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
+from spectralmoe_jax.errors import UserError
 
-def train(config, workdir, **_):
-    from spectralmoe_jax.evaluation.runner import Evaluator
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    workdir: str | None = None  # a run's folder: checkpoints, metrics, default outputs
+    input: str | None = None  # predict: scenes; convert: a PyTorch file
+    output: str | None = None  # where eval / predict / convert write (default: in workdir)
+    checkpoint: str | None = None  # eval / predict: the trained weights to use
+
+    def need_workdir(self, mode: str) -> str:
+        if not self.workdir:
+            raise UserError(f"--mode {mode} needs --workdir")
+        return self.workdir
+
+    def output_in(self, mode: str, default: str) -> str:
+        """--output, else `default` inside the workdir."""
+        if self.output:
+            return self.output
+        return os.path.join(self.need_workdir(mode), default)
+
+
+def fresh(path: str) -> str:
+    """`path`, or `path.2`, `path.3`, ... if it exists: no run overwrites another's results."""
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate
+
+
+def _mesh_and_model(run, *, trained=None, require_trained=False):
+    from spectralmoe_jax.build import build_segmentor
+    from spectralmoe_jax.models.segmentor import is_trainable
+    from spectralmoe_jax.training import mesh as mesh_lib
+
+    mesh = mesh_lib.make_mesh(run.mesh)
+    place = mesh_lib.param_sharding(mesh, run.mesh.fsdp, lambda path: not is_trainable(path.split("/")))
+    return mesh, build_segmentor(run.model, seed=run.seed, trained=trained, sharding=place,
+                                 require_trained=require_trained)
+
+
+def start_training(run, workdir: str):
+    """A run's `Training`: the data checked, the mesh, the model with its weights, the
+    optimiser and the state resumed from the workdir's checkpoints."""
+    from spectralmoe_jax.data.validate import validate_dataset
     from spectralmoe_jax.training.trainer import Training
 
-    training = Training(config, workdir)
-    evaluator = Evaluator(config, workdir)
-    last = training.run(evaluate_fn=evaluator.evaluate_during_training)
+    if run.train.validate_data:
+        # Bad input is found before anything is written. A quick check (headers, a sample of
+        # tiles); `--mode validate` reads every pixel.
+        validate_dataset(run.data, read_pixels=False, max_tiles=256)
+    mesh, built = _mesh_and_model(run)
+    return Training(run, workdir, built.model, mesh)
+
+
+def train(run, paths: Paths):
+    workdir = paths.need_workdir("train")
+    training = start_training(run, workdir)
+    last = training.run(evaluate_fn=_evaluate_in(run, workdir))
+    training.close()
     print(json.dumps({"final_train": last}, indent=2))
     return training
 
 
-def eval(config, workdir, **_):  # noqa: A001 - the mode's name
-    from spectralmoe_jax.evaluation.runner import Evaluator, load_model_for_inference
+def _evaluate_in(run, workdir: str, evaluator=None):
+    """(model, step) -> metrics, written to workdir/eval/step_N (no report while training)."""
+    from spectralmoe_jax.evaluation.runner import Evaluator
 
-    model, step = load_model_for_inference(config, workdir)
-    return Evaluator(config, workdir).evaluate(model, step=step, report=config.eval.report)
+    evaluator = evaluator or Evaluator(run)
+
+    def evaluate(model, step: int, report: bool = False) -> dict:
+        out = fresh(os.path.join(workdir, "eval", f"step_{step}"))
+        return evaluator.evaluate(model, out, step=step, report=report)
+
+    return evaluate
 
 
-def predict(config, workdir, input_path=None, output_path=None, **_):
+def _trained_source(run, paths: Paths) -> str | None:
+    """--checkpoint, else `model.checkpoint`, else the workdir's checkpoints."""
+    if paths.checkpoint or run.model.checkpoint:
+        return paths.checkpoint or run.model.checkpoint
+    if paths.workdir and os.path.isdir(os.path.join(paths.workdir, "checkpoints")):
+        return paths.workdir
+    return None
+
+
+def _inference_model(run, paths: Paths, mode: str):
+    source = _trained_source(run, paths)
+    if source is None and not run.eval.allow_untrained:
+        raise UserError(f"--mode {mode}: no trained weights: give --checkpoint (a run's workdir, "
+                        "a step folder, a converted folder or a released .pth), or "
+                        "--config.eval.allow_untrained=True to use the untrained model")
+    _, built = _mesh_and_model(run, trained=source)
+    if source is None:
+        print(f"--mode {mode}: UNTRAINED model (eval.allow_untrained): random adapter and head")
+    return built
+
+
+def eval(run, paths: Paths):  # noqa: A001 - the mode's name
+    from spectralmoe_jax.evaluation.runner import Evaluator
+
+    built = _inference_model(run, paths, "eval")
+    step = built.trained_step or 0
+    out = fresh(paths.output_in("eval", os.path.join("eval", f"step_{step}")))
+    record = Evaluator(run).evaluate(built.model, out, step=step, report=run.eval.report)
+    record = dict(record, checkpoint=built.loaded.get("trained", "untrained"), step=step)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"metrics: {os.path.join(out, 'metrics.json')}")
+    return record
+
+
+def predict(run, paths: Paths):
     from spectralmoe_jax.evaluation.predict import predict_paths
-    from spectralmoe_jax.evaluation.runner import load_model_for_inference
 
-    if not input_path:
-        raise ValueError("--mode predict needs --input: a GeoTIFF / PNG scene or a folder of them")
-    model, _ = load_model_for_inference(config, workdir)
-    return predict_paths(model, config, input_path, output_path or os.path.join(workdir, "predictions"))
+    if not paths.input:
+        raise UserError("--mode predict needs --input: a GeoTIFF / PNG scene or a folder of them")
+    built = _inference_model(run, paths, "predict")
+    return predict_paths(built.model, run, paths.input,
+                         fresh(paths.output_in("predict", "predictions")))
 
 
-def export(config, workdir, output_path=None, **_):
-    """The workdir's model as ONNX and jax.export at config.export.tile_size, self-checked."""
-    from spectralmoe_jax.evaluation.runner import load_model_for_inference
+def export(run, paths: Paths):
+    """The trained model as ONNX and jax.export at export.tile_size, checked on a real tile."""
     from spectralmoe_jax.export import export_model
 
-    model, _ = load_model_for_inference(config, workdir)
-    return export_model(model, config, output_path or os.path.join(workdir, "export"))
+    built = _inference_model(run, paths, "export")
+    return export_model(built.model, run, fresh(paths.output_in("export", "export")))
 
 
-def validate(config, workdir, **_):
+def validate(run, paths: Paths):
     from spectralmoe_jax.data.validate import validate_dataset
 
-    report = validate_dataset(config.data)
+    report = validate_dataset(run.data)
     print(report)
     return report
 
 
-def summary(config, workdir, **_):
+def summary(run, paths: Paths):
     from spectralmoe_jax.summary import write_summary
 
-    return write_summary(config.model, workdir)
+    return write_summary(run.model, paths.output or paths.need_workdir("summary"))
 
 
-def convert(config, workdir, input_path=None, output_path=None, **_):
+def convert(run, paths: Paths):
     from spectralmoe_jax.conversion.convert import convert_checkpoint
 
-    if not input_path:
-        raise ValueError("--mode convert needs --input: a PyTorch checkpoint file")
-    return convert_checkpoint(config, input_path, output_path or os.path.join(workdir, "converted"))
+    if not paths.input:
+        raise UserError("--mode convert needs --input: a PyTorch checkpoint file")
+    return convert_checkpoint(run, paths.input, paths.output_in("convert", "converted"))
 
 
-def stats(config, workdir, **_):
+def stats(run, paths: Paths):
     """Per-band statistics of the training split, printed as a config snippet to paste."""
     import numpy as np
 
-    from spectralmoe_jax.data.sources import make_source
-    from spectralmoe_jax.data.spec import dataset_spec
-    from spectralmoe_jax.data.stats import compute_band_stats, config_snippet
+    from spectralmoe_jax.data.stats import config_snippet, dataset_stats
 
-    spec = dataset_spec(config.data)
-    source = make_source(spec, "source")
-    info = np.iinfo(spec.dtype) if np.issubdtype(np.dtype(spec.dtype), np.integer) else None
-    value_range = (0.0, float(info.max) + 1) if info else tuple(config.data.get("value_range", (0.0, 1.0)))
-    bins = int(min(value_range[1] - value_range[0], 4096)) if info else 4096
-    def examples():
-        for i in range(len(source)):
-            raw = source.read_raw(i)
-            valid = None if raw["nodata"] is None else ~raw["nodata"]
-            yield {"image": raw["image"]} if valid is None else {"image": raw["image"], "valid": valid}
-
-    raw = examples()
-    result = compute_band_stats(raw, value_range=value_range, bins=bins)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "stats.json"), "w") as f:
+    result = dataset_stats(run.data, "source")
+    out = paths.output or paths.need_workdir("stats")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "stats.json"), "w") as f:
         json.dump(result, f, indent=2, default=lambda x: np.asarray(x).tolist())
     print(config_snippet(result))
     return result
 
 
-def demo(config, workdir, **_):
+def demo(run, paths: Paths):
     """The whole job: evaluate the untrained model on the unseen domain, train, evaluate again
     (with the HTML report), predict the unseen tiles as GeoTIFFs and PNGs."""
-    from spectralmoe_jax.data.pipeline import make_eval_source
     from spectralmoe_jax.evaluation.predict import predict_paths
     from spectralmoe_jax.evaluation.runner import Evaluator
-    from spectralmoe_jax.training.trainer import Training
 
-    training = Training(config, workdir)
-    evaluator = Evaluator(config, workdir)
-    start = int(training.state.step)
-    before = evaluator.evaluate(training.model(), step=start, report=False) if start == 0 else None
-    training.run(evaluate_fn=evaluator.evaluate_during_training)
-    model = training.model()
-    after = evaluator.evaluate(model, step=int(training.state.step), report=config.eval.report)
-    source = make_eval_source(config.data, config.eval.split)
-    tiles = [source.source.path(i) for i in range(len(source))]
-    predict_paths(model, config, tiles, os.path.join(workdir, "predictions"))
+    workdir = paths.need_workdir("demo")
+    training = start_training(run, workdir)
+    evaluator = Evaluator(run)
+    evaluate = _evaluate_in(run, workdir, evaluator)
+    before = None
+    if int(training.state.step) == 0:
+        before = evaluate(training.model(), 0)
+        training.writer.write(0, before, kind="eval")
+    training.run(evaluate_fn=evaluate)
+    model, step = training.model(), int(training.state.step)
+    after = evaluate(model, step, report=run.eval.report)
+    training.writer.write(step, after, kind="eval")
+    training.close()
+    source = evaluator.source
+    tiles = [path for path in map(source.path, range(len(source))) if os.path.isfile(path)]
+    predict_paths(model, run, tiles, os.path.join(workdir, "predictions"))
     summary = {"mIoU_untrained": before and before["mIoU"], "mIoU_trained": after["mIoU"],
                "mAcc_trained": after["mAcc"], "domains": sorted(set(source.domains))}
     print(json.dumps(summary, indent=2))

@@ -12,9 +12,11 @@ from spectralmoe_jax.models.segmentor import Segmentor, is_trainable
 from spectralmoe_jax.training.optimizer import path_name
 
 
-def parameter_counts(model_config, depth: int = 2) -> dict:
-    """{'total', 'trainable', 'frozen', 'modules': {path prefix: {'total', 'trainable'}}}."""
-    abstract = nnx.eval_shape(lambda: Segmentor(model_config, rngs=nnx.Rngs(0)))
+def parameter_counts(model_section, depth: int = 2) -> dict:
+    """{'total', 'trainable', 'frozen', 'modules': {path prefix: {'total', 'trainable'}}} of the
+    model of `model_section` (`RunConfig.model`), from shapes only."""
+    config = model_section.segmentor()
+    abstract = nnx.eval_shape(lambda: Segmentor(config, rngs=nnx.Rngs(0)))
     params = nnx.state(abstract, nnx.Param)
     modules: dict[str, dict[str, int]] = {}
     total = trainable = 0
@@ -44,8 +46,8 @@ def format_table(counts: dict) -> str:
     return "\n".join(lines)
 
 
-def write_summary(model_config, workdir: str) -> dict:
-    counts = parameter_counts(model_config)
+def write_summary(model_section, workdir: str) -> dict:
+    counts = parameter_counts(model_section)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(counts, f, indent=2)

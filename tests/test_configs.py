@@ -8,6 +8,7 @@ from flax import nnx
 import tests.tiny  # noqa: F401  (puts the repository root on sys.path for `configs`)
 from spectralmoe_jax import config_lib
 from spectralmoe_jax.models.segmentor import Segmentor
+from spectralmoe_jax.run_config import ConfigError, parse
 
 BENCHMARKS = ["whu_ohs", "five_billion_pixels", "gid_cross_region", "flair", "loveda",
               "potsdam_vaihingen", "openearthmap", "demo"]
@@ -48,8 +49,9 @@ def test_dofa_segmentor_takes_the_configured_wavelengths():
     from configs import whu_ohs
 
     config = whu_ohs.get_config()
-    model = nnx.eval_shape(lambda: Segmentor(config.model, rngs=nnx.Rngs(0)))
-    assert model.wavelengths == tuple(config.data.wavelengths)
+    segmentor = parse(config).model.segmentor()
+    model = nnx.eval_shape(lambda: Segmentor(segmentor, rngs=nnx.Rngs(0)))
+    assert model.config.wavelengths == tuple(config.data.wavelengths)
     config.model.wavelengths = config.model.wavelengths[:5]
-    with pytest.raises(ValueError, match="5 values.*32 bands"):
-        Segmentor(config.model, rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="5 values.*32 bands"):
+        parse(config)

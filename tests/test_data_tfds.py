@@ -21,8 +21,8 @@ def test_round_trip_equals_geotiff_source(tfds_dir):
     shards.tfds_data_dir = tfds_dir
     for split in ("source", "target"):
         from_files = sources.TileSource(files, split)
-        from_shards = sources.make_source(shards, split)
-        assert isinstance(from_shards, sources.TfdsSource)
+        from_shards = pipeline.make_source(shards, split)
+        assert isinstance(from_shards, tfds_builders.TfdsSource)
         assert len(from_shards) == len(from_files)
         assert from_shards.domains == from_files.domains
         for index in range(len(from_files)):
@@ -34,6 +34,11 @@ def test_round_trip_equals_geotiff_source(tfds_dir):
             profile_a, profile_b = from_files.profile(index), from_shards.profile(index)
             assert profile_a["crs"] == profile_b["crs"]
             assert profile_a["transform"] == profile_b["transform"]
+            # The shards remember their files, so an evaluation on them can predict the scenes.
+            assert from_shards.path(index) == from_files.path(index)
+        evaluated = pipeline.make_eval_source(shards, split)
+        assert [evaluated.path(i) for i in range(len(evaluated))] == \
+            [from_files.path(i) for i in range(len(from_files))]
 
 
 def test_training_batches_equal_from_files_and_shards(tfds_dir):
@@ -51,4 +56,4 @@ def test_missing_shards_are_reported(tmp_path):
     config.tfds_data_dir = str(tmp_path)
     with pytest.raises(DataError, match="cannot read tfds dataset spectral_segmentation/"
                                         "flair2_demo split 'source'"):
-        sources.make_source(config, "source")
+        pipeline.make_source(config, "source")

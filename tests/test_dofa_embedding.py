@@ -1,5 +1,6 @@
 """DOFA dynamic patch embedding against a PyTorch re-implementation of `Dynamic_MLP_OFA`."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -138,3 +139,18 @@ def test_band_count_mismatch_names_both_counts(converted):
     _, ours = converted
     with pytest.raises(ValueError, match=r"5 image bands.*4 wavelengths"):
         ours(jnp.zeros((1, 32, 32, 5)), jnp.array([0.49, 0.56, 0.665, 0.83]))
+
+
+@pytest.mark.parametrize("dim", [WV_PLANES, 128])
+def test_wavelength_embedding_rounds_as_torch_under_jit(dim):
+    """The frequencies bit for bit, and the embedding of long wavelengths (2.5 um: angles up to
+    2500 rad) to within an ulp of sin/cos, jitted as in the model's step."""
+    from spectralmoe_jax.models.dofa_embedding import frequencies, wavelength_embedding
+
+    omega = torch.arange(dim // 2, dtype=torch.float32)
+    omega /= dim / 2.0
+    np.testing.assert_array_equal(frequencies(dim), (1.0 / 10000**omega).numpy())
+    wavelengths = np.linspace(0.4, 2.5, 32).astype(np.float32)
+    expected = torch_sincos(dim, torch.from_numpy(wavelengths) * 1000).numpy()
+    got = jax.jit(lambda w: wavelength_embedding(w * 1000.0, dim))(jnp.asarray(wavelengths))
+    assert np.abs(np.asarray(got) - expected).max() <= 2.4e-7

@@ -11,8 +11,8 @@ import rasterio
 from rasterio.windows import Window
 
 from spectralmoe_jax import export
-from spectralmoe_jax.data.spec import dataset_spec
-from spectralmoe_jax.models.segmentor import build_segmentor
+from spectralmoe_jax.build import build_segmentor
+from spectralmoe_jax.run_config import parse
 from tests.conftest import relative_error
 from tests.tiny import tiny_config
 
@@ -27,21 +27,22 @@ def exported(tmp_path_factory):
     config.model.feature_layers = (0, 0, 0, 0)
     config.model.decoder.decoder_layers = 1
     config.export.tile_size = TILE
-    model = build_segmentor(config.model, seed=0)
+    run = parse(config)
+    model = build_segmentor(run.model, seed=0).model
     out = str(tmp_path_factory.mktemp("export"))
-    return model, config, export.export_model(model, config, out)
+    return model, run, export.export_model(model, run, out)
 
 
 def test_onnx_and_jax_export_equal_jax_on_a_real_tile(exported):
-    model, config, result = exported
+    model, run, result = exported
     # The export checked itself on the first evaluation tile (real FLAIR #2 imagery).
     assert result.check["tile"].endswith("D004_2021_IMG_000473_aerial.tif")
     for name in ("onnxruntime", "jax_export"):
         assert result.check[name]["relative_error"] < 1e-4
         assert result.check[name]["labels_equal_away_from_ties"]
     # Again here, on another real tile, through the files as a user loads them.
-    spec = dataset_spec(config.data)
-    with rasterio.open(os.path.join(config.data.root, "D074_2020_IMG_050549_aerial.tif")) as src:
+    spec = run.data
+    with rasterio.open(os.path.join(spec.root, "D074_2020_IMG_050549_aerial.tif")) as src:
         raw = src.read([1, 2, 3, 4], window=Window(100, 200, TILE, TILE)).astype(np.float32)
     tile = ((raw - spec.mean[:, None, None]) / spec.std[:, None, None])[None]
     reference = np.asarray(jax.jit(lambda x: export.tile_probabilities(model, x))(tile))
@@ -61,8 +62,8 @@ def test_onnx_and_jax_export_equal_jax_on_a_real_tile(exported):
 
 
 def test_deepness_metadata_maps_its_input_to_ours(exported):
-    _, config, result = exported
-    spec = dataset_spec(config.data)
+    _, run, result = exported
+    spec = run.data
     meta = {k: json.loads(v) for k, v in
             export.onnx_session(result.onnx_path).get_modelmeta().custom_metadata_map.items()}
     assert meta["model_type"] == "Segmentor"

@@ -67,3 +67,28 @@ def test_validate_mode_names_a_bad_band_count(tmp_path):
     assert run.returncode != 0
     assert "_aerial.tif" in run.stderr and "6" in run.stderr and "5" in run.stderr
     assert "Traceback" not in run.stderr  # a clear message, not a stack trace
+
+
+def test_a_misspelt_key_is_one_line_naming_it_and_the_nearest_key(tmp_path):
+    run = main("--config", "configs/flair.py", "--mode", "summary",
+               "--config.train.learning_rat=1", workdir=tmp_path)
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "learning_rat" in lines[0] and "'learning_rate'" in lines[0]
+    assert "Traceback" not in run.stderr
+
+
+def test_every_vit_field_of_a_benchmark_config_is_settable(tmp_path):
+    sizes = dict(width=64, depth=4, num_heads=4, mlp_dim=128, in_channels=4)
+    overrides = [f"--config.model.{part}.overrides.{k}={v}"
+                 for part in ("vfm", "depth") for k, v in sizes.items()]
+    run = main("--config", "configs/flair.py", "--mode", "summary", *overrides, workdir=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with open(tmp_path / "summary.json") as f:
+        counts = json.load(f)
+    # Per block at width 64, MLP 128: 2 norms 2 x 128, qkv 64 x 192 + 192, proj 64 x 64 + 64,
+    # fc1 64 x 128 + 128, fc2 128 x 64 + 64, 2 layer scales 2 x 64.
+    block = 2 * 128 + 64 * 192 + 192 + 64 * 64 + 64 + 64 * 128 + 128 + 128 * 64 + 64 + 2 * 64
+    assert counts["modules"]["vfm/blocks"]["total"] == 4 * block
+    assert counts["modules"]["depth/blocks"]["total"] == 4 * block
+    assert counts["modules"]["adapter/experts_b"]["total"] == 4 * 6 * 16 * 64

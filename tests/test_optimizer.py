@@ -2,11 +2,10 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from spectralmoe_jax.config_lib import NO_DECAY_KEYS
+from spectralmoe_jax.run_config import NO_DECAY_KEYS, TrainConfig
 from spectralmoe_jax.training.optimizer import decay_mask, make_optimizer, poly_schedule
 
 
@@ -14,7 +13,7 @@ def train_config(**changes):
     config = dict(learning_rate=1e-3, num_steps=10, poly_power=0.9, weight_decay=0.05,
                   no_decay_keys=NO_DECAY_KEYS, clip_grad_norm=0.0, grad_accum_steps=1)
     config.update(changes)
-    return ml_collections.ConfigDict(config)
+    return TrainConfig(**config)
 
 
 PARAMS = {"adapter": {"experts_a": jnp.ones((2, 3)), "mlp_delta_f": {"kernel": jnp.ones((3, 3))},

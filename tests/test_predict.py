@@ -2,6 +2,7 @@
 predicted, the dataset's codes or ids, nodata, the QGIS style, legend, preview, probability
 bands and polygons read back; PNG inputs give PNG outputs."""
 
+import dataclasses
 import os
 import shutil
 import warnings
@@ -21,8 +22,8 @@ from spectralmoe_jax.data.spec import DataError, dataset_spec
 from spectralmoe_jax.evaluation import gis
 from spectralmoe_jax.evaluation.predict import list_scenes, predict_paths
 from spectralmoe_jax.evaluation.scene import SceneInput, SceneOutput, Tiling, predict_scene
-from spectralmoe_jax.models.segmentor import build_segmentor
-from tests.tiny import tiny_config
+from spectralmoe_jax.build import build_segmentor
+from tests.tiny import tiny_run
 
 SIZE = 96
 HOLE = (slice(40, 56), slice(30, 50))  # nodata in every band: no label, a hole in the polygon
@@ -42,11 +43,14 @@ def crop_tile(src_path, dst_path, nodata_hole=False):
     return str(dst_path)
 
 
+def with_predict(run, **fields):
+    return dataclasses.replace(run, predict=dataclasses.replace(run.predict, **fields))
+
+
 @pytest.fixture(scope="module")
-def model_and_config():
-    config = tiny_config()
-    config.predict.update(dict(window=128, overlap=32))
-    return build_segmentor(config.model, seed=0), config
+def model_and_run():
+    run = with_predict(tiny_run(), window=128, overlap=32)
+    return build_segmentor(run.model, seed=0).model, run
 
 
 @pytest.fixture
@@ -83,20 +87,20 @@ def test_folder_takes_the_layouts_images(folder, tmp_path):
             ] == ["target_dir/image/target_dir_1.tif"]
 
 
-def test_predict_folder_codes_ids_and_gis_files(model_and_config, folder, tmp_path, capsys):
-    model, config = model_and_config
-    config = config.copy_and_resolve_references()
-    config.predict.update(dict(probabilities=True, probability_dtype="float16", vector=True))
+def test_predict_folder_codes_ids_and_gis_files(model_and_run, folder, tmp_path, capsys):
+    model, run = model_and_run
     out = tmp_path / "codes"
-    written = predict_paths(model, config, str(folder), str(out))
+    written = predict_paths(model, with_predict(run, probabilities=True,
+                                                probability_dtype="float16", vector=True),
+                            str(folder), str(out))
     assert "skipping" in capsys.readouterr().out  # the corrupt file, with a message
     assert [os.path.basename(p) for p in written] == ["D004_2021_IMG_000687_aerial_pred.tif",
                                                       "D055_2018_IMG_036294_aerial_pred.tif"]
-    config.predict.update(dict(labels="ids", probabilities=False, vector=False))
-    ids_paths = predict_paths(model, config, [str(folder / "D004_2021_IMG_000687_aerial.tif")],
+    ids_paths = predict_paths(model, with_predict(run, labels="ids"),
+                              [str(folder / "D004_2021_IMG_000687_aerial.tif")],
                               str(tmp_path / "ids"))
 
-    spec = dataset_spec(config.data)
+    spec = run.data
     encoding = gis.label_encoding(spec)  # the default, 'codes'
     source = folder / "D004_2021_IMG_000687_aerial.tif"
     stem = str(out / "D004_2021_IMG_000687_aerial_pred")
@@ -141,16 +145,16 @@ def test_predict_folder_codes_ids_and_gis_files(model_and_config, folder, tmp_pa
     assert any(len(shape(f["geometry"]).interiors) == 1 for f in features)  # around the hole
 
 
-def test_output_never_overwrites_an_input(model_and_config, folder):
-    model, config = model_and_config
+def test_output_never_overwrites_an_input(model_and_run, folder):
+    model, run = model_and_run
     scene = str(folder / "D055_2018_IMG_036294_aerial.tif")
     earlier = str(folder / "D055_2018_IMG_036294_aerial_pred.tif")
     before = open(earlier, "rb").read()
     with pytest.raises(DataError, match="would overwrite this input"):
-        predict_paths(model, config, [scene, earlier], str(folder))
+        predict_paths(model, run, [scene, earlier], str(folder))
     assert open(earlier, "rb").read() == before
     with pytest.raises(FileNotFoundError, match="scene not found"):
-        predict_paths(model, config, str(folder / "missing.tif"), str(folder))
+        predict_paths(model, run, str(folder / "missing.tif"), str(folder))
 
 
 def test_png_input_gives_png_labels(tmp_path):

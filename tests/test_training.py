@@ -10,12 +10,13 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.conftest import jaxpr_equations
-from tests.tiny import ROOT, tiny_config
+from tests.tiny import ROOT, tiny_config, tiny_training
+from spectralmoe_jax.io.checkpoint import CheckpointError
 from spectralmoe_jax.training import mesh as mesh_lib
-from spectralmoe_jax.training.checkpoint import CheckpointError
-from spectralmoe_jax.training.trainer import NonFiniteLossError, Training
+from spectralmoe_jax.training.trainer import NonFiniteLossError
 
 
 def read_losses(workdir):
@@ -30,7 +31,7 @@ def leaves(tree):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    training = Training(tiny_config(num_steps=4), workdir)
+    training = tiny_training(workdir, num_steps=4)
     frozen_before = leaves(training.frozen)
     params_before = leaves(training.state.params)
     training.run()
@@ -39,10 +40,10 @@ def uninterrupted(tmp_path_factory):
 
 def test_resume_is_exact(uninterrupted, tmp_path):
     workdir, full, _, _ = uninterrupted
-    first = Training(tiny_config(num_steps=4), str(tmp_path))
+    first = tiny_training(str(tmp_path), num_steps=4)
     first.run(stop_after=2)  # "killed" right after the step-2 checkpoint
     del first
-    resumed = Training(tiny_config(num_steps=4), str(tmp_path))
+    resumed = tiny_training(str(tmp_path), num_steps=4)
     assert int(resumed.state.step) == 2
     resumed.run()
     expected, got = read_losses(workdir), read_losses(str(tmp_path))
@@ -91,19 +92,19 @@ class PoisonedIterator:
 
 
 def test_nan_loss_stops_and_last_checkpoint_restores(uninterrupted, tmp_path):
-    training = Training(tiny_config(num_steps=4), str(tmp_path))
+    training = tiny_training(str(tmp_path), num_steps=4)
     training.iterator = PoisonedIterator(training.iterator, at=3)
     with pytest.raises(NonFiniteLossError, match="step 3.*last good checkpoint is step 2"):
         training.run()
     assert training.checkpointer.latest_step() == 2
-    restored = Training(tiny_config(num_steps=4), str(tmp_path))
+    restored = tiny_training(str(tmp_path), num_steps=4)
     assert int(restored.state.step) == 2
     # The checkpoint holds the uninterrupted run's step-2 state: compare losses.
     assert read_losses(str(tmp_path))[2] == read_losses(uninterrupted[0])[2]
 
 
 def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    training = Training(tiny_config(num_steps=2), str(tmp_path))
+    training = tiny_training(str(tmp_path), num_steps=2)
     training.run(stop_after=2)
     assert training.checkpointer.latest_step() == 2
 
@@ -114,14 +115,15 @@ def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monk
     with pytest.raises(CheckpointError, match="disk is full.*step 2.*untouched"):
         training.save()
     assert training.checkpointer.latest_step() == 2
-    assert training.checkpointer.restore(jax.tree.map(np.asarray, training.state)) is not None
+    assert training.checkpointer.restore(
+        params=nnx.to_pure_dict(jax.tree.map(np.asarray, training.state.params))) is not None
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     with pytest.raises(CheckpointError, match="not writable"):
-        Training(tiny_config(), str(blocker / "run"))
+        tiny_training(str(blocker / "run"))
 
 
 ONE_STEP_SCRIPT = textwrap.dedent("""
@@ -133,18 +135,20 @@ ONE_STEP_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from tests.tiny import tiny_config
+    from spectralmoe_jax.modes import start_training
+    from spectralmoe_jax.run_config import parse
     from spectralmoe_jax.training import mesh as mesh_lib
     from spectralmoe_jax.training.train_state import make_loss_fn
-    from spectralmoe_jax.training.trainer import Training, loss_config_from
 
     config = tiny_config(batch_size=8, num_steps=1)
     config.mesh.data = devices  # the batch of 8 split over `devices` data shards
-    training = Training(config, sys.argv[2])
+    run = parse(config)
+    training = start_training(run, sys.argv[2])
     batch = mesh_lib.global_batch(next(training.iterator), training.mesh)
     # The step's objective and its gradient, with the batch sharded over the mesh: the AdamW
     # update after it is elementwise, so equal gradients make equal steps.
-    loss_fn = make_loss_fn(training.graphdef, num_classes=config.data.num_classes,
-                           loss_config=loss_config_from(config))
+    loss_fn = make_loss_fn(training.graphdef, num_classes=run.data.num_classes,
+                           loss_config=run.loss)
     rng = jax.random.fold_in(training.state.rng, 0)
     (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
         training.state.params, training.frozen, training.rest, batch, rng)

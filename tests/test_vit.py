@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import transformers as hf
 from flax import nnx
 
-from spectralmoe_jax.conversion.vit import load_vit
+from tests.converted import load_vit
 from spectralmoe_jax.models.vit import (
     VisionTransformer, ViTConfig, interpolate_pos_embed, vit_config)
 from tests.conftest import relative_error
@@ -230,8 +230,11 @@ def test_blocks_are_stacked_and_scanned():
 
 
 def test_presets_and_input_checks():
-    assert vit_config("dinov2_vitl14").pos_interp_offset == 0.1
-    assert vit_config("dinov2_vitl14_reg").pos_interp_antialias
+    # The position-table resize is left to the weights' origin (tests/test_vit_positions.py).
+    for name in ("dinov2_vitl14", "dinov2_vitl14_reg", "promptda_vitl16", "dofa_vitl16"):
+        config = vit_config(name)
+        assert (config.pos_interp_offset, config.pos_interp_antialias) == (None, None), name
+    assert vit_config("dofa_vitl16").position == "learned"
     assert vit_config("dinov3_vith16plus").ffn == "swiglu"
     with pytest.raises(ValueError, match="unknown ViT preset 'vit_huge'"):
         vit_config("vit_huge")

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
+from spectralmoe_jax.conversion import load
+from spectralmoe_jax.conversion.rules import ConversionError, check_params, flatten_state
+from spectralmoe_jax.conversion.vit import convert_state_dict, detect_scheme
 from spectralmoe_jax.models import resize
-from spectralmoe_jax.conversion.rules import ConversionError, flatten_state
-from spectralmoe_jax.conversion.vit import (
-    convert_state_dict, detect_scheme, load_vit, main, restore_params, save_params)
-from spectralmoe_jax.models import vit as vit_lib
 from spectralmoe_jax.models.vit import VisionTransformer, ViTConfig
 from tests.conftest import relative_error
+from tests.converted import load_vit
 from tests.test_dofa_embedding import TorchDynamicMLPOFA
 from tests.test_vit import (
     DEPTH, WIDTH, dinov2_config, dinov2_hf, dinov3_config, dinov3_hf, promptda_hf, randomize)
@@ -272,33 +272,50 @@ def test_timm_stem_adaptation(in_channels, np_rng):
 
 # --- Orbax ---------------------------------------------------------------------------------------
 
-def test_orbax_round_trip(tmp_path):
+def test_converted_folder_round_trip(tmp_path):
     hf_state = numpy_state(dinov3_hf())
     config = dinov3_config()
-    model = load_vit(hf_state, config, "hf_dinov3")
-    save_params(model, tmp_path / "vit")
-    restored = load_vit(str(tmp_path / "vit"), config)
-    assert_same_params(flatten_state(nnx.state(restored, nnx.Param)),
-                       flatten_state(nnx.state(model, nnx.Param)))
+    params = convert_state_dict(hf_state, config, "hf_dinov3")
+    load.write_converted(str(tmp_path / "vit"), params, {"holds": "vfm"})
+    opened = load.open_checkpoint(str(tmp_path / "vit"))
+    assert opened.kind == "orbax" and opened.holds == "vfm"
+    assert_same_params(opened.state, params)
     other = nnx.eval_shape(
         lambda: VisionTransformer(dataclasses.replace(config, depth=1), rngs=nnx.Rngs(0)))
     with pytest.raises(ConversionError, match=r"blocks/attn/qkv/kernel: checkpoint \(2, 32, 96\) "
                                               r"vs model \(1, 32, 96\)"):
-        restore_params(other, tmp_path / "vit")
+        check_params(opened.state, flatten_state(nnx.state(other)))
 
 
-def test_command_line_writes_orbax_from_pth(tmp_path, monkeypatch, np_rng):
+def test_convert_mode_writes_the_vfm_a_run_loads(tmp_path, np_rng):
+    """facebookresearch dinov3 .pth -> `--mode convert` folder == the HF route's parameters
+    (with the run's 4-band cyclic stem), and a run configured with the folder loads them."""
+    from spectralmoe_jax.build import build_segmentor
+    from spectralmoe_jax.conversion.convert import convert_checkpoint
+    from spectralmoe_jax.run_config import parse
+    from tests.tiny import tiny_config
+
     hf_state = numpy_state(dinov3_hf())
     config = dinov3_config()
-    monkeypatch.setitem(vit_lib.PRESETS, "tiny_dinov3",
-                        {f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
     path = tmp_path / "dinov3_tiny.pth"
     torch.save({k: torch.from_numpy(v) for k, v in original_dinov3(hf_state, np_rng).items()},
                path)
-    main([str(path), str(tmp_path / "orbax"), "--preset", "tiny_dinov3"])
-    restored = load_vit(str(tmp_path / "orbax"), config)
-    assert_same_params(flatten_state(nnx.state(restored, nnx.Param)),
-                       convert_state_dict(hf_state, config, "hf_dinov3"))
+    run_config = tiny_config()
+    run_config.model.vfm.preset = "dinov3_vits16"
+    run_config.model.vfm.overrides.update(dict(
+        patch_size=config.patch_size, width=config.width, depth=config.depth,
+        num_heads=config.num_heads, mlp_dim=config.mlp_dim,
+        num_register_tokens=config.num_register_tokens))
+    run = parse(run_config)
+    convert_checkpoint(run, str(path), str(tmp_path / "converted"))
+    expected = convert_state_dict(hf_state, dataclasses.replace(config, in_channels=4),
+                                  "hf_dinov3", stem="cyclic")
+    opened = load.open_checkpoint(str(tmp_path / "converted"))
+    assert_same_params(opened.state, expected)
+    run_config.model.vfm.checkpoint = str(tmp_path / "converted")
+    model = build_segmentor(parse(run_config).model).model
+    assert_same_params({k: np.asarray(v) for k, v in
+                        flatten_state(nnx.state(model.vfm, nnx.Param)).items()}, expected)
 
 
 # --- DOFA: the whole ViT against a PyTorch reference written from DOFA's code --------------------

@@ -31,3 +31,17 @@ def tiny_config(variant=None, *, crop=64, batch_size=2, num_steps=4):
                              checkpoint_every=2, eval_every=0, tensorboard=False))
     config.eval.batch_size = 1
     return config
+
+
+def tiny_run(variant=None, **kwargs):
+    """`tiny_config` parsed: the typed `RunConfig` the package's functions take."""
+    from spectralmoe_jax.run_config import parse
+
+    return parse(tiny_config(variant, **kwargs))
+
+
+def tiny_training(workdir, variant=None, **kwargs):
+    """The tiny run's `Training` in `workdir`, as `--mode train` starts it."""
+    from spectralmoe_jax.modes import start_training
+
+    return start_training(tiny_run(variant, **kwargs), str(workdir))

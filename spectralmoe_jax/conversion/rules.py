@@ -19,10 +19,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from spectralmoe_jax.errors import UserError
+
 Transform = Callable[[np.ndarray], np.ndarray]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint that does not fit the model: names every offending key."""
 
 
@@ -130,31 +132,18 @@ def flatten_state(state) -> dict[str, object]:
     return out
 
 
-def load_into_module(
-    module,
-    params: Mapping[str, np.ndarray],
-    *,
-    allow_missing: Sequence[str] = (),
-    variable_type=None,
-) -> None:
-    """Writes converted arrays into an NNX module in place, checking names and shapes.
-
-    Parameters of the module that `params` does not fill raise `ConversionError` unless matched by
-    a regular expression in `allow_missing` (they keep their initial values). Every mis-shaped
-    array is listed.
-    """
-    import jax.numpy as jnp
-    from flax import nnx
-
-    variable_type = variable_type or nnx.Param
-    state = nnx.state(module, variable_type)
-    ours = flatten_state(state)
-    missing = [k for k in ours if k not in params and not _matches(allow_missing, k)]
-    extra = [k for k in params if k not in ours]
+def check_params(params: Mapping[str, np.ndarray], expected: Mapping[str, object], *,
+                 allow_missing: Sequence[str] = (), where: str = "") -> None:
+    """Every parameter of `expected` (path -> array or shape struct) that `params` does not fill,
+    every converted array the model has no place for, and every shape mismatch, in one
+    `ConversionError`; parameters matched by a regular expression in `allow_missing` may stay
+    unfilled."""
+    missing = [k for k in expected if k not in params and not _matches(allow_missing, k)]
+    extra = [k for k in params if k not in expected]
     bad_shape = [
-        f"{k}: checkpoint {tuple(np.shape(params[k]))} vs model {tuple(np.shape(ours[k]))}"
-        for k in ours
-        if k in params and tuple(np.shape(params[k])) != tuple(np.shape(ours[k]))
+        f"{k}: checkpoint {tuple(np.shape(params[k]))} vs model {tuple(np.shape(expected[k]))}"
+        for k in expected
+        if k in params and tuple(np.shape(params[k])) != tuple(np.shape(expected[k]))
     ]
     problems = []
     if missing:
@@ -164,7 +153,25 @@ def load_into_module(
     if bad_shape:
         problems.append("shape mismatch: " + "; ".join(bad_shape))
     if problems:
-        raise ConversionError(" | ".join(problems))
+        raise ConversionError((f"{where}: " if where else "") + " | ".join(problems))
+
+
+def load_into_module(
+    module,
+    params: Mapping[str, np.ndarray],
+    *,
+    allow_missing: Sequence[str] = (),
+    variable_type=None,
+) -> None:
+    """Writes converted arrays into an NNX module in place, checking names and shapes
+    (`check_params`); unfilled parameters allowed by `allow_missing` keep their values."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    variable_type = variable_type or nnx.Param
+    state = nnx.state(module, variable_type)
+    check_params(params, flatten_state(state), allow_missing=allow_missing)
 
     def fill(path, leaf):
         key = "/".join(str(getattr(p, "key", p)) for p in path)
@@ -172,9 +179,8 @@ def load_into_module(
             return jnp.asarray(params[key], dtype=leaf.dtype)
         return leaf
 
-    pure = nnx.to_pure_dict(state)
-    import jax
-
-    pure = jax.tree_util.tree_map_with_path(fill, pure)
+    pure = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(module, state)
+
+

@@ -12,10 +12,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from spectralmoe_jax.errors import UserError
+
 _WRAPPERS = ("state_dict", "model", "module", "teacher")
 
 
-class CheckpointReadError(IOError):
+class CheckpointReadError(UserError, IOError):
     """A checkpoint file that cannot be read: names the file and the reason."""
 
 

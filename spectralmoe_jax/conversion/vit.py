@@ -17,46 +17,48 @@ Naming schemes (`scheme=`; 'auto' tells them apart by their keys):
                 dropped.
 - 'promptda_hf' HF `PromptDepthAnythingForDepthEstimation`: the `backbone.` Dinov2Backbone; neck
                 and head dropped.
-- 'dofa'        zhu-xlab/DOFA `.pth`: timm blocks, `fc_norm` (or `norm`) as the final norm, the
-                dynamic patch embedding by `conversion.dofa_embedding`; with position='sincos' the
-                stored fixed table is dropped (recomputed for the input grid).
-Keys each scheme drops on purpose (mask tokens, heads) are listed in `_IGNORED`; any other key
-that no rule consumes, any parameter left unfilled and any shape mismatch is a ConversionError.
+- 'dofa'        zhu-xlab/DOFA `.pth` and torchgeo's `torchgeo.models.dofa.DOFA` (the same names):
+                timm blocks, `fc_norm` (or `norm`) as the final norm, the dynamic patch embedding
+                by `conversion.dofa_embedding`; with position='sincos' the stored fixed table is
+                dropped (recomputed for the input grid).
+Keys each scheme drops on purpose (mask tokens, heads) are listed in `_IGNORED`; with
+`final_norm=False` the checkpoint's final norm is dropped too (DOFA's pretrained files have none;
+the segmentor never uses it). Any other key that no rule consumes, any parameter left unfilled and
+any shape mismatch is a ConversionError.
+
+The naming scheme also tells which code the weights were made for, and so how that code resizes
+the position table to other input sizes (SPEC 5.2): `implied_settings(scheme, config)` names the
+ViTConfig fields it implies, `apply_implied_settings` fills those the config leaves unset (None).
 
 Options of the released SpectralMoE `tools/convert_models`: `resize_patch` (patch kernel to
 `config.patch_size`, e.g. 14 -> 16, bicubic), `resize_pos` (learned table to `config.pos_grid`,
 bicubic, align_corners=False), `stem` ('cyclic' as released or 'timm') for `config.in_channels`
 bands from an RGB kernel.
 
-Command line (writes an Orbax checkpoint that `load_vit` / `restore_params` read back):
-  python -m spectralmoe_jax.conversion.vit dinov3_vitl16_pretrain.pth /ckpt/dinov3_l16 \
-      --preset dinov3_vitl16 --in-channels 4 --stem cyclic
+Files are opened and converted by the one loading path, `conversion/load.py`; `--mode convert`
+writes the converted arrays once.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
-from flax import nnx
+from absl import logging
 
-from spectralmoe_jax.models import resize
 from spectralmoe_jax.conversion.rules import (
     ConversionError,
     Rule,
     apply_rules,
     conv_kernel,
-    flatten_state,
     linear_kernel,
-    load_into_module,
 )
-from spectralmoe_jax.conversion.torch_io import load_state_dict
+from spectralmoe_jax.models import resize
 from spectralmoe_jax.models.rope import rope_periods
-from spectralmoe_jax.models.vit import VisionTransformer, ViTConfig
+from spectralmoe_jax.models.vit import ViTConfig
 
 SCHEMES = ("dinov2", "dinov3", "hf_dinov2", "hf_dinov3", "promptda", "promptda_hf", "dofa")
 _FAMILY = {"dinov2": "dinov2", "hf_dinov2": "dinov2", "promptda": "dinov2",
@@ -274,6 +276,93 @@ def detect_scheme(keys) -> str:
                           f"{sorted(keys)[:8]}...; pass scheme= one of {SCHEMES}")
 
 
+def checkpoint_scheme(state_dict: Mapping[str, Any], scheme: str = "auto", *,
+                      prefix: str = "") -> str:
+    """The naming scheme of the (sub-)checkpoint under `prefix`: `scheme` itself unless 'auto'."""
+    if scheme != "auto":
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; expected 'auto' or one of {SCHEMES}")
+        return scheme
+    return detect_scheme(select_prefix(state_dict, prefix))
+
+
+def select_prefix(state_dict: Mapping[str, Any], prefix: str, where: str = "") -> dict:
+    """The keys under `prefix` (a sub-model of a larger checkpoint), without it."""
+    if not prefix:
+        return dict(state_dict)
+    state = {key[len(prefix):]: value for key, value in state_dict.items()
+             if key.startswith(prefix)}
+    if not state:
+        raise ConversionError(f"{where or 'the checkpoint'}: no key starts with prefix {prefix!r}")
+    return state
+
+
+# --- what the weights' origin implies ----------------------------------------------------------
+
+# Where each scheme's weights are run, for the log line.
+_ORIGIN = {"dinov2": "facebookresearch/dinov2", "hf_dinov2": "HF transformers",
+           "promptda": "PromptDA (its copy of facebookresearch/dinov2)",
+           "promptda_hf": "HF transformers (PromptDepthAnything)",
+           "dofa": "the released SpectralMoE DOFA converter", "dinov3": "facebookresearch/dinov3",
+           "hf_dinov3": "HF transformers"}
+
+
+def implied_settings(scheme: str, config: ViTConfig) -> dict[str, Any]:
+    """ViTConfig field values that weights of naming `scheme` imply: the position-table resize of
+    the code they come from (SPEC 5.2). Empty where nothing is implied (RoPE, fixed sin-cos).
+
+    - facebookresearch/dinov2 (`interpolate_pos_encoding`): scale factor (h + 0.1) / M without
+      registers; the register models (hub `*_reg`) pass the output size with antialias.
+    - PromptDA's `torchhub/facebookresearch_dinov2_main`: always (h + 0.1) / M, no antialias.
+    - HF `Dinov2Model` (and PromptDepthAnything's Dinov2Backbone): output size, no antialias;
+      `Dinov2WithRegistersModel`: output size with antialias.
+    - DOFA never resizes at run time (its table must fit); the released converter resizes to
+      the output size without antialias, which is what a size other than the table's gets.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
+    if config.position != "learned" or scheme in ("dinov3", "hf_dinov3"):
+        return {}
+    registers = config.num_register_tokens > 0
+    offset, antialias = {
+        "dinov2": (0.0, True) if registers else (0.1, False),
+        "promptda": (0.1, False),
+        "hf_dinov2": (0.0, registers),
+        "promptda_hf": (0.0, False),
+        "dofa": (0.0, False),
+    }[scheme]
+    return {"pos_interp_offset": offset, "pos_interp_antialias": antialias}
+
+
+def apply_implied_settings(config, implied: Mapping[str, Any], *, origin: str = ""):
+    """`config` (any frozen dataclass) with each implied field set where the config leaves it None.
+
+    A value the user set wins; where it differs from the implied one, the log line says so.
+    Logs one line when anything is implied.
+    """
+    if not implied:
+        return config
+    unset = {name: value for name, value in implied.items() if getattr(config, name) is None}
+    kept = {name: getattr(config, name) for name in implied if name not in unset}
+    parts = [", ".join(f"{name}={value!r}" for name, value in unset.items())] if unset else []
+    differ = [f"{name}={value!r} (the weights imply {implied[name]!r})"
+              for name, value in kept.items() if value != implied[name]]
+    if differ:
+        parts.append("kept as configured: " + ", ".join(differ))
+    if parts:
+        logging.warning("%s: %s", origin or type(config).__name__, "; ".join(parts))
+    return dataclasses.replace(config, **unset)
+
+
+def config_for_checkpoint(state_dict: Mapping[str, Any], config: ViTConfig,
+                          scheme: str = "auto", *, prefix: str = "") -> ViTConfig:
+    """`config` with the settings the checkpoint's naming scheme implies filled in (logged)."""
+    scheme = checkpoint_scheme(state_dict, scheme, prefix=prefix)
+    return apply_implied_settings(
+        config, implied_settings(scheme, config),
+        origin=f"ViT weights named {scheme!r}, as {_ORIGIN[scheme]} resizes the position table")
+
+
 # --- options of the released converters --------------------------------------------------------
 
 def _adapt(params: dict, config: ViTConfig, *, resize_patch: bool, resize_pos: bool,
@@ -304,16 +393,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ViTConfig,
     `prefix` selects a sub-model of a larger checkpoint (e.g. 'backbone.' or
     'depth_anything.pretrained.'): keys outside it are ignored, keys inside lose it.
     """
-    state = {key: np.asarray(value) for key, value in state_dict.items()}
-    if prefix:
-        state = {key[len(prefix):]: value for key, value in state.items()
-                 if key.startswith(prefix)}
-        if not state:
-            raise ConversionError(f"no key of the checkpoint starts with prefix {prefix!r}")
-    if scheme == "auto":
-        scheme = detect_scheme(state)
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; expected 'auto' or one of {SCHEMES}")
+    state = {key: np.asarray(value) for key, value in select_prefix(state_dict, prefix).items()}
+    scheme = checkpoint_scheme(state, scheme)
     if _FAMILY[scheme] != config.family:
         raise ConversionError(f"a {scheme!r} checkpoint holds a {_FAMILY[scheme]} ViT, but the "
                               f"config is of family {config.family!r}")
@@ -321,93 +402,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ViTConfig,
     ignored = _IGNORED[scheme]
     if scheme == "dofa" and config.position != "learned":
         ignored += (r"pos_embed",)  # DOFA's fixed sin-cos table is recomputed, not loaded
-    params = apply_rules(state, _RULES[scheme](config),
-                         allow_unexpected=(*ignored, *allow_unexpected))
+    rules = _RULES[scheme](config)
+    if not config.final_norm:  # a final norm in the checkpoint is dropped, not an error
+        ignored += tuple(rule.source for rule in rules if rule.target.startswith("norm/"))
+        rules = [rule for rule in rules if not rule.target.startswith("norm/")]
+    params = apply_rules(state, rules, allow_unexpected=(*ignored, *allow_unexpected))
     return _adapt(params, config, resize_patch=resize_patch, resize_pos=resize_pos, stem=stem)
-
-
-# --- loading and Orbax -------------------------------------------------------------------------
-
-def save_params(module: nnx.Module, directory: str | os.PathLike) -> None:
-    """Writes the module's parameters as an Orbax checkpoint (overwriting `directory`)."""
-    import orbax.checkpoint as ocp
-
-    pure = nnx.to_pure_dict(nnx.state(module, nnx.Param))
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(directory), pure, force=True)
-
-
-def restore_params(module: nnx.Module, directory: str | os.PathLike, *,
-                   allow_missing: Sequence[str] = ()) -> nnx.Module:
-    """Fills the module from an Orbax checkpoint of `save_params`, checking names and shapes."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
-        raise ConversionError(f"no Orbax checkpoint directory at {directory}")
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(directory)
-    params = {key: np.asarray(value) for key, value in flatten_state(restored).items()}
-    load_into_module(module, params, allow_missing=allow_missing)
-    return module
-
-
-def load_vit(source, config: ViTConfig, scheme: str = "auto", *, prefix: str = "",
-             allow_missing: Sequence[str] = (), allow_unexpected: Sequence[str] = (),
-             resize_patch: bool = False, resize_pos: bool = False, stem: str | None = None,
-             rngs: nnx.Rngs | None = None) -> VisionTransformer:
-    """A VisionTransformer filled from a PyTorch file, a state dict or an Orbax directory.
-
-    `allow_missing` / `allow_unexpected` are regular expressions naming our parameter paths that
-    may stay at their initial values / checkpoint keys that may be dropped.
-    """
-    def build(rngs):
-        return VisionTransformer(config, rngs=rngs)
-
-    # Unless some parameters may be missing, every one comes from the checkpoint: build only the
-    # shapes. Otherwise initialise in one compiled call rather than op by op.
-    rngs = rngs or nnx.Rngs(0)
-    model = nnx.jit(build)(rngs) if allow_missing else nnx.eval_shape(build, rngs)
-    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-        return restore_params(model, source, allow_missing=allow_missing)
-    state = load_state_dict(source) if isinstance(source, (str, os.PathLike)) else source
-    params = convert_state_dict(state, config, scheme, prefix=prefix,
-                                allow_unexpected=allow_unexpected, resize_patch=resize_patch,
-                                resize_pos=resize_pos, stem=stem)
-    load_into_module(model, params, allow_missing=allow_missing)
-    return model
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from spectralmoe_jax.models.vit import vit_config
-
-    parser = argparse.ArgumentParser(description="PyTorch ViT checkpoint -> Orbax checkpoint")
-    parser.add_argument("source", help=".pth / .ckpt / .bin / .safetensors file")
-    parser.add_argument("directory", help="Orbax checkpoint directory to write")
-    parser.add_argument("--preset", required=True, help="models.vit preset, e.g. dinov3_vitl16")
-    parser.add_argument("--scheme", default="auto", choices=("auto", *SCHEMES))
-    parser.add_argument("--prefix", default="", help="sub-model prefix, e.g. 'backbone.'")
-    parser.add_argument("--in-channels", type=int, default=None)
-    parser.add_argument("--patch-size", type=int, default=None, help="resize the patch kernel")
-    parser.add_argument("--grid", type=int, nargs=2, default=None,
-                        help="resize the learned position table to this grid (h w)")
-    parser.add_argument("--stem", choices=("cyclic", "timm"), default=None)
-    parser.add_argument("--allow-unexpected", nargs="*", default=())
-    args = parser.parse_args(argv)
-    overrides = {}
-    if args.in_channels:
-        overrides["in_channels"] = args.in_channels
-    if args.patch_size:
-        overrides["patch_size"] = args.patch_size
-    if args.grid:
-        overrides["pos_grid"] = tuple(args.grid)
-    config = dataclasses.replace(vit_config(args.preset), **overrides)
-    model = load_vit(args.source, config, args.scheme, prefix=args.prefix,
-                     allow_unexpected=args.allow_unexpected, resize_patch=bool(args.patch_size),
-                     resize_pos=bool(args.grid), stem=args.stem)
-    save_params(model, args.directory)
-    print(f"wrote {args.directory} ({config})")
-
-
-if __name__ == "__main__":
-    main()

@@ -4,11 +4,12 @@
   benchmarks.py     the seven paper benchmarks and the bundled FLAIR #2 demo tiles
   layout.py         which files form a split, label and domain of each image
   readers.py        GeoTIFF / PNG / JPEG / .npy / HDF5 readers, any band count and dtype
-  sources.py        grain random-access sources over files or tfds ArrayRecord shards
+  sources.py        the grain random-access source over files (`TileSource`)
   transforms.py     released augmentations and normalisation (NumPy)
-  pipeline.py       `make_train_iterator`, `make_eval_source` (the only module importing grain)
-  tfds_builders.py  tensorflow-datasets builder writing ArrayRecord shards
+  pipeline.py       `make_source`, `make_train_iterator`, `make_eval_source` (imports grain)
+  tfds_builders.py  tensorflow-datasets builder writing ArrayRecord shards, `TfdsSource` reading them
   validate.py       `validate_dataset`: every bad file named before training
+  stats.py          per-band statistics of a split (`--mode stats`)
 
 Nothing is imported here, so model code and configs can use `benchmarks` without grain.
 """

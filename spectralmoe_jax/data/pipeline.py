@@ -15,9 +15,20 @@ from __future__ import annotations
 import grain
 from absl import flags
 
-from spectralmoe_jax.data.sources import make_source
+from spectralmoe_jax.data.sources import TileSource
 from spectralmoe_jax.data.spec import DataError, dataset_spec
 from spectralmoe_jax.data.transforms import EvalTransform, TrainTransform
+
+
+def make_source(config, split: str):
+    """The split's tiles from their files, or from ArrayRecord shards when
+    `config.data.tfds_data_dir` is set."""
+    spec = dataset_spec(config)
+    if not spec.tfds_data_dir:
+        return TileSource(spec, split)
+    from spectralmoe_jax.data.tfds_builders import TfdsSource  # tfds is slow to import
+
+    return TfdsSource(spec, split)
 
 
 def train_dataset(data_config, *, seed: int, batch_size: int, process_index: int = 0,
@@ -109,7 +120,7 @@ class EvalSource:
     per domain and to georeference predictions.
 
     Element: `{"image": float32 [H, W, C], "label": int32 [H, W], "name": str, "domain": str,
-    "path": str}` (path of the image file, '' when read from tfds shards).
+    "path": str}` (the image file; for tfds shards, the file they were built from).
     """
 
     def __init__(self, data_config, split: str = "target"):
@@ -122,7 +133,11 @@ class EvalSource:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
-        return {**self._transform(self.source[index]), "path": self.source.path(index)}
+        return {**self._transform(self.source[index]), "path": self.path(index)}
+
+    def path(self, index: int) -> str:
+        """The image file of tile `index` (for shards: the file it was built from)."""
+        return self.source.path(index)
 
     def __repr__(self) -> str:
         return f"EvalSource({self.source!r})"

@@ -3,22 +3,16 @@
 Each element is `{"image": float32 [H, W, C], "label": int32 [H, W], "name": str,
 "domain": str}`: the selected bands divided by `value_scale`, labels mapped to train ids with
 255 (ignore) at nodata pixels, whose image values are set to the band mean (0 once normalised,
-like padding). `TileSource` reads files, `TfdsSource` the ArrayRecord shards written by
-`tfds_builders.py`; both share `finalize`, so they return identical elements.
+like padding). `TileSource` reads files; `tfds_builders.TfdsSource` reads the ArrayRecord
+shards written from them, and both share `finalize`, so they return identical elements.
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 import numpy as np
 
 from spectralmoe_jax.data import layout, readers
 from spectralmoe_jax.data.spec import DataError, DatasetSpec, dataset_spec
-
-TFDS_BUILDER_NAME = "spectral_segmentation"
-
 
 def finalize(image: np.ndarray, label: np.ndarray, nodata: np.ndarray | None,
              spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -78,76 +72,3 @@ class TileSource:
     def profile(self, index: int) -> dict | None:
         """The rasterio profile of the tile (crs, transform, ...), None for non-GeoTIFF tiles."""
         return readers.read_profile(self.tiles[index].image_path)
-
-
-class TfdsSource:
-    """The same elements read from ArrayRecord shards through `tfds.data_source`."""
-
-    def __init__(self, config, split: str):
-        import tensorflow_datasets as tfds  # slow to import: only on this path
-
-        from spectralmoe_jax.data import tfds_builders  # registers the builder
-
-        self.spec = dataset_spec(config)
-        self.split = split
-        data_dir = self.spec.tfds_data_dir
-        if not os.path.isdir(data_dir):
-            raise DataError(f"{data_dir}: config.data.tfds_data_dir is not a folder; write it "
-                            "with spectralmoe_jax.data.tfds_builders.build")
-        kwargs = tfds_builders.builder_kwargs(self.spec)
-        try:
-            builder = tfds.builder(TFDS_BUILDER_NAME, data_dir=data_dir, **kwargs)
-            self._source = tfds.data_source(TFDS_BUILDER_NAME, split=split, data_dir=data_dir,
-                                            download=False, builder_kwargs=kwargs)
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"{data_dir}: cannot read tfds dataset {TFDS_BUILDER_NAME}/"
-                            f"{self.spec.name} split {split!r}: {e}") from e
-        self._domains = list(builder.info.metadata["domains"][split])
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __repr__(self) -> str:
-        return f"TfdsSource({self.spec.name!r}, split={self.split!r}, {len(self)} tiles)"
-
-    @property
-    def domains(self) -> list[str]:
-        return self._domains
-
-    def read_raw(self, index: int) -> dict:
-        record = self._source[int(index)]
-        nodata = record["nodata"]
-        return {"image": record["image"], "label": record["label"].astype(np.int32),
-                "nodata": nodata if nodata.any() else None,
-                "name": _text(record["name"]), "domain": _text(record["domain"]),
-                "crs": _text(record["crs"]), "transform": _text(record["transform"])}
-
-    def __getitem__(self, index: int) -> dict:
-        raw = self.read_raw(index)
-        image, label = finalize(raw["image"], raw["label"], raw["nodata"], self.spec)
-        return {"image": image, "label": label, "name": raw["name"], "domain": raw["domain"]}
-
-    def path(self, index: int) -> str:
-        return ""
-
-    def profile(self, index: int) -> dict | None:
-        """crs and transform stored at build time (GeoTIFF tiles), else None."""
-        raw = self.read_raw(index)
-        if not raw["crs"]:
-            return None
-        from affine import Affine
-        from rasterio.crs import CRS
-        height, width = raw["label"].shape
-        return {"driver": "GTiff", "crs": CRS.from_wkt(raw["crs"]),
-                "transform": Affine(*json.loads(raw["transform"])), "height": height,
-                "width": width}
-
-
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def make_source(config, split: str) -> TileSource | TfdsSource:
-    """Files, or ArrayRecord shards when `config.data.tfds_data_dir` is set."""
-    spec = dataset_spec(config)
-    return TfdsSource(spec, split) if spec.tfds_data_dir else TileSource(spec, split)

@@ -30,6 +30,7 @@ fields:
                          cat_max_ratio, flip_prob, photometric (see `AugmentSpec`)
   array_layout           'HWC' or 'CHW' for .npy / HDF5 tiles
   hdf5_image_key, hdf5_label_key
+  value_range            (low, high) of the raw values, for `--mode stats` histograms of float data
   tfds_data_dir          '' reads the files; a folder reads the ArrayRecord shards written
                          by `data/tfds_builders.py` (the fast path)
   num_workers            grain worker processes for training (0: threads in this process)
@@ -43,11 +44,27 @@ from typing import Any
 
 import numpy as np
 
+from spectralmoe_jax.errors import UserError, unknown_key
+
 IMAGE_FORMATS = ("geotiff", "image", "npy", "hdf5")
+# Every key of `config.data` (the docstring above says what each means).
+FIELDS = ("name", "format", "root", "layout", "splits", "band_names", "bands", "wavelengths",
+          "rgb_bands", "dtype", "value_scale", "value_range", "nodata", "num_classes",
+          "class_names", "palette", "ignore_index", "label_map", "mean", "std", "crop_size",
+          "augment", "array_layout", "hdf5_image_key", "hdf5_label_key", "tfds_data_dir",
+          "num_workers")
+LAYOUT_FIELDS = ("label_pattern", "label_replace", "domain_pattern")
+SPLIT_FIELDS = ("glob", "domains")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset or its config is unusable; the message names the file or key and the problem."""
+
+
+def _check_keys(section, known, where: str) -> None:
+    for key in section:
+        if key not in known:
+            raise DataError(unknown_key(key, known, where))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +138,8 @@ class DatasetSpec:
     hdf5_image_key: str
     hdf5_label_key: str
     tfds_data_dir: str
+    num_workers: int = 0                 # grain worker processes for training
+    value_range: tuple[float, float] | None = None  # raw value range of float images (stats)
 
     @property
     def num_bands(self) -> int:
@@ -263,6 +282,9 @@ def dataset_spec(config: Any) -> DatasetSpec:
     """Checks `config.data` and returns the frozen spec; a bad key raises `DataError`."""
     if isinstance(config, DatasetSpec):
         return config
+    if config is None:
+        raise DataError("config.data is missing")
+    _check_keys(config, FIELDS, "data")
     for key in ("name", "root", "layout", "splits", "bands", "num_classes"):
         if _get(config, key) is None:
             raise DataError(f"config.data.{key} is missing")
@@ -270,6 +292,7 @@ def dataset_spec(config: Any) -> DatasetSpec:
     if fmt not in IMAGE_FORMATS:
         raise DataError(f"config.data.format {fmt!r} is not one of {IMAGE_FORMATS}")
     layout = config.layout
+    _check_keys(layout, LAYOUT_FIELDS, "data.layout")
     for key in ("label_pattern", "label_replace"):
         if _get(layout, key) is None:
             raise DataError(f"config.data.layout.{key} is missing")
@@ -301,10 +324,15 @@ def dataset_spec(config: Any) -> DatasetSpec:
     for split, split_cfg in _to_plain(config.splits).items():
         if isinstance(split_cfg, str):
             split_cfg = {"glob": split_cfg}
+        _check_keys(split_cfg, SPLIT_FIELDS, f"data.splits.{split}")
         if not split_cfg.get("glob"):
             raise DataError(f"config.data.splits.{split}.glob is missing")
+        # None, empty, or None given on the command line (which ml_collections turns into
+        # (None,) for a tuple field): every domain.
         domains = split_cfg.get("domains")
-        splits[split] = SplitSpec(split_cfg["glob"], tuple(domains) if domains else None)
+        domains = (domains,) if isinstance(domains, str) else tuple(domains or ())
+        domains = tuple(str(d) for d in domains if d not in (None, "", "None"))
+        splits[split] = SplitSpec(split_cfg["glob"], domains or None)
 
     std = _per_band(config, "std", num_bands, [1.0] * num_bands, positive=True)
     layout_kind = _get(config, "array_layout", "HWC")
@@ -343,4 +371,7 @@ def dataset_spec(config: Any) -> DatasetSpec:
         hdf5_image_key=_get(config, "hdf5_image_key", "image"),
         hdf5_label_key=_get(config, "hdf5_label_key", "label"),
         tfds_data_dir=_get(config, "tfds_data_dir", ""),
+        num_workers=int(_get(config, "num_workers", 0)),
+        value_range=None if _get(config, "value_range") is None
+        else tuple(float(v) for v in _get(config, "value_range")),
     )

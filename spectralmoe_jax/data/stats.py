@@ -152,3 +152,30 @@ def config_snippet(stats: Mapping, prefix: str = "config.data.") -> str:
              f"{prefix}std = {fmt(stats['std'])}"]
     lines += [f"# p{q:g} = {fmt(v)}" for q, v in stats["percentiles"].items()]
     return "\n".join(lines) + "\n"
+
+
+def dataset_stats(spec, split: str = "source", value_range: tuple[float, float] | None = None
+                  ) -> dict:
+    """Statistics of the raw selected bands of `split` (nodata pixels left out).
+
+    Integer images get one histogram bin per value from 0 to their dtype's maximum (at most
+    4096 bins); other images use `value_range` (`config.data.value_range`, default (0, 1)) with
+    4096 bins.
+    """
+    from spectralmoe_jax.data.pipeline import make_source
+
+    source = make_source(spec, split)
+    dtype = np.dtype(spec.dtype) if spec.dtype else None
+    if dtype is not None and np.issubdtype(dtype, np.integer):
+        value_range = (0.0, float(np.iinfo(dtype).max) + 1)
+        bins = int(min(value_range[1], 4096))
+    else:
+        value_range, bins = tuple(value_range or spec.value_range or (0.0, 1.0)), 4096
+
+    def examples():
+        for i in range(len(source)):
+            raw = source.read_raw(i)
+            yield ({"image": raw["image"]} if raw["nodata"] is None
+                   else {"image": raw["image"], "valid": ~raw["nodata"]})
+
+    return compute_band_stats(examples(), value_range=value_range, bins=bins)

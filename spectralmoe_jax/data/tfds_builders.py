@@ -7,8 +7,8 @@ the dataset. It reads the manual download folder with the same sources as traini
 returns: the selected bands in the file's dtype, the labels after `label_map`, the nodata
 mask, name, domain and the GeoTIFF's CRS and transform. Changing bands or `label_map` means
 building again.
-Reading back through `tfds.data_source` and `sources.finalize` gives the same elements as the
-files. Build once, then train with `--config.data.tfds_data_dir=DIR`:
+Reading back (`TfdsSource`, through `tfds.data_source` and `sources.finalize`) gives the same
+elements as the files. Build once, then train with `--config.data.tfds_data_dir=DIR`:
 
     from spectralmoe_jax.data import benchmarks, tfds_builders
     tfds_builders.build(benchmarks.flair(), data_dir="/data/tfds", manual_dir="/data/FLAIR")
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import ml_collections
@@ -28,8 +29,10 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from spectralmoe_jax.data import readers
-from spectralmoe_jax.data.sources import TileSource
+from spectralmoe_jax.data.sources import TileSource, finalize
 from spectralmoe_jax.data.spec import DataError, DatasetSpec, dataset_spec
+
+TFDS_BUILDER_NAME = "spectral_segmentation"
 
 
 def _spec(data: Any) -> DatasetSpec:
@@ -47,8 +50,9 @@ class SegmentationConfig(tfds.core.BuilderConfig):
 class SpectralSegmentation(tfds.core.GeneratorBasedBuilder):
     """Image / label tiles of a segmentation benchmark (see `data/benchmarks.py`)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Selected bands in the file dtype, remapped labels, nodata mask."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Selected bands in the file dtype, remapped labels, nodata mask.",
+                     "1.1.0": "The image file's path, for predicting the tiles as scenes."}
     # tfds looks its own source file up through the `importlib_resources` backport, which
     # Python >= 3.9 does not install; the file path is what that lookup returns anyway.
     code_path = epath.Path(__file__)
@@ -76,6 +80,7 @@ class SpectralSegmentation(tfds.core.GeneratorBasedBuilder):
                                                encoding=zlib),
                 "name": tfds.features.Text(),
                 "domain": tfds.features.Text(),
+                "path": tfds.features.Text(),          # the image file it was built from
                 "crs": tfds.features.Text(),           # WKT, '' for non-GeoTIFF tiles
                 # JSON of the 6 affine coefficients: tf.Example would round floats to float32.
                 "transform": tfds.features.Text(),
@@ -110,6 +115,7 @@ class SpectralSegmentation(tfds.core.GeneratorBasedBuilder):
                 "nodata": np.zeros((height, width), bool) if nodata is None else nodata,
                 "name": raw["name"],
                 "domain": raw["domain"],
+                "path": source.tiles[index].image_path,
                 "crs": crs.to_wkt() if crs else "",
                 "transform": json.dumps(list(transform)[:6]) if transform else "",
             }
@@ -132,3 +138,67 @@ def builder_kwargs(spec: DatasetSpec) -> dict:
     """`tfds.builder` / `tfds.data_source` arguments that name this dataset's config."""
     return {"config": SegmentationConfig(name=spec.name, data=spec)}
 
+
+class TfdsSource:
+    """The same elements read from ArrayRecord shards through `tfds.data_source`."""
+
+    def __init__(self, config, split: str):
+        self.spec = dataset_spec(config)
+        self.split = split
+        data_dir = self.spec.tfds_data_dir
+        if not os.path.isdir(data_dir):
+            raise DataError(f"{data_dir}: config.data.tfds_data_dir is not a folder; write it "
+                            "with spectralmoe_jax.data.tfds_builders.build")
+        kwargs = builder_kwargs(self.spec)
+        try:
+            builder = tfds.builder(TFDS_BUILDER_NAME, data_dir=data_dir, **kwargs)
+            self._source = tfds.data_source(TFDS_BUILDER_NAME, split=split, data_dir=data_dir,
+                                            download=False, builder_kwargs=kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{data_dir}: cannot read tfds dataset {TFDS_BUILDER_NAME}/"
+                            f"{self.spec.name} split {split!r}: {e}") from e
+        self._domains = list(builder.info.metadata["domains"][split])
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.spec.name!r}, split={self.split!r}, {len(self)} tiles)"
+
+    @property
+    def domains(self) -> list[str]:
+        return self._domains
+
+    def read_raw(self, index: int) -> dict:
+        record = self._source[int(index)]
+        nodata = record["nodata"]
+        return {"image": record["image"], "label": record["label"].astype(np.int32),
+                "nodata": nodata if nodata.any() else None,
+                "name": _text(record["name"]), "domain": _text(record["domain"]),
+                "path": _text(record["path"]),
+                "crs": _text(record["crs"]), "transform": _text(record["transform"])}
+
+    def __getitem__(self, index: int) -> dict:
+        raw = self.read_raw(index)
+        image, label = finalize(raw["image"], raw["label"], raw["nodata"], self.spec)
+        return {"image": image, "label": label, "name": raw["name"], "domain": raw["domain"]}
+
+    def path(self, index: int) -> str:
+        """The image file the tile was built from (it may have moved since)."""
+        return self.read_raw(index)["path"]
+
+    def profile(self, index: int) -> dict | None:
+        """crs and transform stored at build time (GeoTIFF tiles), else None."""
+        raw = self.read_raw(index)
+        if not raw["crs"]:
+            return None
+        from affine import Affine
+        from rasterio.crs import CRS
+        height, width = raw["label"].shape
+        return {"driver": "GTiff", "crs": CRS.from_wkt(raw["crs"]),
+                "transform": Affine(*json.loads(raw["transform"])), "height": height,
+                "width": width}
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

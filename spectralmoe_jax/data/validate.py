@@ -115,7 +115,7 @@ def _list_split(spec: DatasetSpec, split: str, report: ValidationReport) -> list
 
 
 def _validate_tfds(spec: DatasetSpec, splits, report: ValidationReport) -> None:
-    from spectralmoe_jax.data.sources import TfdsSource
+    from spectralmoe_jax.data.tfds_builders import TfdsSource
     for split in splits:
         try:
             source = TfdsSource(spec, split)

@@ -27,6 +27,23 @@ class Evaluation:
         return self.confusion.results()
 
 
+@functools.lru_cache(maxsize=8)
+def _count_fn(num_classes: int, ignore_index: int):
+    """jitted (scores [1, H, W, K], label [H, W], keep) -> (confusion [K, K], uint8 prediction
+    or None); one per class set, so a second evaluation compiles nothing new."""
+
+    @functools.partial(jax.jit, static_argnames="keep")
+    def count(scores, label, keep):
+        if scores.shape[-1] != num_classes:
+            raise ValueError(f"infer_fn returned {scores.shape[-1]} class scores, "
+                             f"num_classes is {num_classes}")
+        pred = jnp.argmax(scores[0], axis=-1)
+        conf = confusion_matrix(pred, label, num_classes=num_classes, ignore_index=ignore_index)
+        return conf, (pred.astype(jnp.uint8) if keep else None)
+
+    return count
+
+
 def evaluate(infer_fn: Callable[[jax.Array], jax.Array], examples: Iterable[dict], *,
              num_classes: int, ignore_index: int = 255, mean: Sequence[float] | None = None,
              std: Sequence[float] | None = None, samples_per_domain: int = 0,
@@ -51,14 +68,7 @@ def evaluate(infer_fn: Callable[[jax.Array], jax.Array], examples: Iterable[dict
             confusion.add(conf, domain)
         pending.clear()
 
-    @functools.partial(jax.jit, static_argnames="keep")
-    def count(scores, label, keep):
-        if scores.shape[-1] != num_classes:
-            raise ValueError(f"infer_fn returned {scores.shape[-1]} class scores, "
-                             f"num_classes is {num_classes}")
-        pred = jnp.argmax(scores[0], axis=-1)
-        conf = confusion_matrix(pred, label, num_classes=num_classes, ignore_index=ignore_index)
-        return conf, (pred.astype(jnp.uint8) if keep else None)
+    count = _count_fn(num_classes, ignore_index)
 
     for example in tqdm(examples, disable=not progress, unit="image", desc="evaluate"):
         for key in ("image", "label"):

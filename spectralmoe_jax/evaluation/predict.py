@@ -3,13 +3,13 @@
 For each input scene `<stem>` (a GeoTIFF, or a PNG / JPEG tile), in the output folder:
   <stem>_pred.tif            labels as a COG with the input's CRS and transform (a PNG input
                              gives <stem>_pred.png): the dataset's own codes by default
-                             (`config.predict.labels`, see `gis.py`), nodata kept
+                             (`predict.labels`, see `gis.py`), nodata kept
   <stem>_pred.qml            QGIS style: paletted, class names (QGIS loads it with the raster)
   <stem>_pred_legend.png     the legend
   <stem>_pred_color.png      colour preview with a legend strip
-  <stem>_pred_probabilities.tif   per-class probabilities (`config.predict.probabilities`), a
+  <stem>_pred_probabilities.tif   per-class probabilities (`predict.probabilities`), a
                              compressed uint8-scaled or float16 COG (`probability_dtype`)
-  <stem>_pred.gpkg           polygons per class (`config.predict.vector`, `min_area`)
+  <stem>_pred.gpkg           polygons per class (`predict.vector`, `min_area`)
 
 A folder is read as the config's layout describes it (`data/layout.py`): the images its split
 globs list (else the folder's files of the configured format), never the labels those images
@@ -28,7 +28,7 @@ from flax import nnx
 
 from spectralmoe_jax.data.layout import label_path_for
 from spectralmoe_jax.data.readers import GEOTIFF_EXTENSIONS, PIL_EXTENSIONS
-from spectralmoe_jax.data.spec import DataError, DatasetSpec, dataset_spec
+from spectralmoe_jax.data.spec import DataError, DatasetSpec
 from spectralmoe_jax.evaluation import gis
 from spectralmoe_jax.evaluation.scene_io import SceneInput, SceneOutput
 
@@ -82,33 +82,33 @@ def input_paths(spec: DatasetSpec, input_path) -> list[str]:
     return paths
 
 
-def output_paths(path: str, output_dir: str, config) -> list[str]:
+def output_paths(path: str, output_dir: str, predict_config) -> list[str]:
     """Every file predict writes for the scene `path`."""
     stem = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + PRED_SUFFIX)
     ext = ".tif" if os.path.splitext(path)[1].lower() in GEOTIFF_EXTENSIONS else ".png"
     outputs = [stem + ext, stem + ".qml", stem + "_legend.png", stem + "_color.png"]
-    if config.predict.get("probabilities", False):
+    if predict_config.probabilities:
         outputs.append(stem + "_probabilities.tif")
-    if config.predict.get("vector", False):
+    if predict_config.vector:
         outputs.append(stem + ".gpkg")
     return outputs
 
 
-def predict_paths(model, config, input_path, output_dir: str) -> list[str]:
-    """Predicts every scene of `input_path` (a file, a folder or a list of files) into
-    `output_dir`; returns the label rasters written. See the module docstring."""
+def predict_paths(model, run, input_path, output_dir: str) -> list[str]:
+    """Predicts every scene of `input_path` (a file, a folder or a list of files) with `model`
+    and the run's data and predict sections (`RunConfig`) into `output_dir`; returns the label
+    rasters written. See the module docstring."""
     from spectralmoe_jax.evaluation.runner import patch_multiple, state_predict_fn
     from spectralmoe_jax.evaluation.scene import Tiling, predict_scene
     from spectralmoe_jax.evaluation.vectors import polygons_path, write_polygons
 
-    spec = dataset_spec(config.data)
-    pc = config.predict
-    labels = gis.label_encoding(spec, pc.get("labels", "codes"))
+    spec, pc = run.data, run.predict
+    labels = gis.label_encoding(spec, pc.labels)
     paths = input_paths(spec, input_path)
     os.makedirs(output_dir, exist_ok=True)
     inputs = {os.path.realpath(p) for p in paths}
     for path in paths:
-        for out in output_paths(path, output_dir, config):
+        for out in output_paths(path, output_dir, pc):
             if os.path.realpath(out) in inputs:
                 raise DataError(f"{out}: predicting {path} would overwrite this input; choose "
                                 "another output folder (--output)")
@@ -118,13 +118,13 @@ def predict_paths(model, config, input_path, output_dir: str) -> list[str]:
                     tta=pc.flip)
     output = SceneOutput(
         labels=labels, probability_kind="normalize",
-        probabilities=pc.get("probability_dtype", "uint8") if pc.get("probabilities") else None)
+        probabilities=pc.probability_dtype if pc.probabilities else None)
     graphdef, state = nnx.split(model)
     predict_fn = state_predict_fn(graphdef)
     written, skipped = [], []
     for path in paths:
         try:  # an unreadable file, or one without the configured bands, is skipped
-            result = predict_scene(predict_fn, path, output_paths(path, output_dir, config)[0],
+            result = predict_scene(predict_fn, path, output_paths(path, output_dir, pc)[0],
                                    num_classes=spec.num_classes, scene_input=scene_input,
                                    tiling=tiling, output=output, params=state)
         except DataError as error:
@@ -132,10 +132,10 @@ def predict_paths(model, config, input_path, output_dir: str) -> list[str]:
             skipped.append(path)
             continue
         gis.write_sidecars(result.labels_path, labels, title=f"{spec.name}: predicted classes")
-        if pc.get("vector", False):
+        if pc.vector:
             if result.georeferenced:
                 count = write_polygons(result.labels_path, polygons_path(result.labels_path),
-                                       labels, min_area=pc.get("min_area", 0.0))
+                                       labels, min_area=pc.min_area)
                 print(f"wrote {count} polygons to {polygons_path(result.labels_path)}")
             else:
                 print(f"no polygons for {path}: it has no georeferencing")

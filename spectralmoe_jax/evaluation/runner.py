@@ -1,4 +1,4 @@
-"""Evaluation with a SpectralMoE segmentor: the `eval` mode (prediction: `predict.py`).
+"""Evaluation with a SpectralMoE segmentor: the `eval` mode (the `predict` mode: predict.py).
 
 Binds the model-agnostic pieces (inference, evaluator, metrics, report) to the segmentor:
 its `predict_fn` is Mask2Former's semantic inference (mask logits upsampled to the input size,
@@ -73,35 +73,13 @@ def _routing_fn(graphdef):
     return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, train=False)["expert_v"])
 
 
-def load_model_for_inference(config, workdir: str):
-    """The segmentor with the best (else latest) checkpoint of `workdir`; untrained if none."""
-    from spectralmoe_jax.models.segmentor import build_segmentor, split_model
-    from spectralmoe_jax.training.checkpoint import Checkpointer
-    from spectralmoe_jax.training.optimizer import make_optimizer
-    from spectralmoe_jax.training.train_state import init_train_state
-
-    model = build_segmentor(config.model, seed=config.seed)
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        return model, 0
-    checkpointer = Checkpointer(directory, keep=config.train.get("keep_checkpoints", 3))
-    step = checkpointer.best_step() or checkpointer.latest_step()
-    if step is None:
-        return model, 0
-    graphdef, params, frozen, rest = split_model(model)
-    tx, _ = make_optimizer(config.train, params)
-    template = jax.tree.map(np.asarray, init_train_state(params, tx, config.seed))
-    state, _ = checkpointer.restore(template, step=step)
-    checkpointer.close()
-    return nnx.merge(graphdef, state.params, frozen, rest), step
-
-
 class Evaluator:
-    """Per-domain mIoU / mAcc / IoU of a model on `config.eval.split`, with reports."""
+    """Per-domain mIoU / mAcc / IoU of a model on `eval.split`, with the confusion matrix and
+    report written to a folder. It returns the metrics: the run's one metric writer records
+    them."""
 
-    def __init__(self, config, workdir: str):
-        self.config = config
-        self.workdir = workdir
+    def __init__(self, run):
+        self.config = run
         self._source = None
         self._infer = None  # (graphdef, jitted infer), compiled once per model structure
 
@@ -113,39 +91,30 @@ class Evaluator:
             self._source = make_eval_source(self.config.data, self.config.eval.split)
         return self._source
 
-    def evaluate(self, model, step: int = 0, report: bool = True) -> dict:
-        from spectralmoe_jax.training.metric_writer import MetricWriter
-
+    def evaluate(self, model, out_dir: str, *, step: int = 0, report: bool = True) -> dict:
         data = self.config.data
         graphdef, state = nnx.split(model)
         if self._infer is None or self._infer[0] != graphdef:
             self._infer = graphdef, make_model_infer(graphdef, self.config.eval, patch_multiple(model))
         infer = functools.partial(self._infer[1], state)
         result = evaluate(infer, self.source, num_classes=data.num_classes,
-                          ignore_index=data.get("ignore_index", 255),
+                          ignore_index=data.ignore_index,
                           samples_per_domain=2 if report else 0, progress=True)
         results = result.results()
         names = list(data.class_names)
         print(metrics_lib.format_table(results, names))
         record = metrics_lib.metrics_record(results, names)
-        out_dir = os.path.join(self.workdir, "eval", f"step_{step}")
         os.makedirs(out_dir, exist_ok=True)
         metrics_lib.save_confusion(result.confusion.overall(), os.path.join(out_dir, "confusion"), names)
-        writer = MetricWriter(self.workdir, tensorboard=self.config.train.get("tensorboard", True))
-        writer.write(step, record, kind="eval")
-        writer.close()
         if report:
             self.write_report(model, result, out_dir, step)
         return record
-
-    def evaluate_during_training(self, model, step: int) -> dict:
-        return self.evaluate(model, step, report=False)
 
     def write_report(self, model, result, out_dir: str, step: int) -> str:
         from spectralmoe_jax.evaluation.report import write_report
 
         data = self.config.data
-        bands = tuple(data.get("rgb_bands") or (0, 1, 2))
+        bands = data.rgb_bands or (0, 1, 2)
         panels, routing = [], []
         for sample in result.samples:
             image = visualize.prediction_panel(sample["image"], sample["label"], sample["pred"],

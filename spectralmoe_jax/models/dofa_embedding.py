@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 from flax import nnx
 
@@ -27,17 +28,27 @@ _xavier = nnx.initializers.xavier_uniform()
 _bias_init = nnx.initializers.constant(0.01)
 
 
-def wavelength_embedding(wavelengths: jax.Array, dim: int) -> jax.Array:
-    """1-D sin-cos embedding [C] -> [C, dim] (DOFA `get_1d_sincos_pos_embed_from_grid_torch`).
+def frequencies(dim: int) -> np.ndarray:
+    """omega [dim / 2] of the wavelength embedding, float32, as PyTorch computes it:
+    `arange(dim / 2) / (dim / 2)`, then `1 / 10000 ** omega`.
 
-    Evaluated in float32 in the original's order of operations: with positions near 1000 (nm),
-    one ulp of the argument is ~6e-5, so omega must round exactly as PyTorch rounds it.
+    With positions near 1000 (nm) one ulp of omega moves the angle by ~6e-5, so omega must round
+    exactly as PyTorch rounds it. It is a host constant: traced, XLA rewrites `1 / pow(a, b)`
+    under jit and rounds 19 of DOFA's 64 frequencies differently (6e-5 in the embedding, 3e-5 in
+    the ViT's output). The power is rounded once from float64 (what torch's float32 pow gives
+    at DOFA's 128 planes, `tests/test_dofa_embedding.py`), the reciprocal in float32.
     """
+    exponent = np.arange(dim // 2, dtype=np.float32) / np.float32(dim / 2.0)
+    power = np.power(10000.0, exponent.astype(np.float64)).astype(np.float32)
+    return np.float32(1.0) / power
+
+
+def wavelength_embedding(wavelengths: jax.Array, dim: int) -> jax.Array:
+    """1-D sin-cos embedding [C] -> [C, dim] (DOFA `get_1d_sincos_pos_embed_from_grid_torch`),
+    evaluated in float32 in the original's order of operations."""
     if dim % 2:
         raise ValueError(f"wavelength embedding dim must be even, got {dim}")
-    omega = jnp.arange(dim // 2, dtype=jnp.float32) / (dim / 2.0)
-    omega = 1.0 / 10000.0**omega
-    angles = wavelengths.astype(jnp.float32)[:, None] * omega[None, :]
+    angles = wavelengths.astype(jnp.float32)[:, None] * frequencies(dim)[None, :]
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 

@@ -45,11 +45,16 @@ class ViTConfig:
     num_register_tokens: int = 0  # DINOv2 registers, DINOv3 storage tokens
     position: str = "learned"  # 'learned' | 'rope' | 'sincos'
     pos_grid: tuple[int, int] = (37, 37)  # grid of the learned table
-    # DINOv2's interpolation of the learned table to the input grid: facebookresearch/dinov2 and
-    # PromptDA use scale factor (h + 0.1) / M ("offset 0.1"), the register models and HF use the
-    # plain output size (0.0) with antialias.
-    pos_interp_offset: float = 0.0
-    pos_interp_antialias: bool = False
+    # How the learned table is resized to another input grid (bicubic, SPEC 5.2). The code the
+    # weights come from decides: facebookresearch/dinov2 without registers and PromptDA use the
+    # scale factor (h + 0.1) / M ("offset 0.1"); its register models use the output size with
+    # antialias; HF `Dinov2Model` the output size without antialias (offset 0.0),
+    # `Dinov2WithRegistersModel` with antialias. None (the presets) means "as the weights' origin
+    # implies": the loader sets them from the checkpoint's naming scheme
+    # (`conversion.vit.implied_settings`); a value set here wins. Left None without weights, the
+    # table is resized to the output size without antialias.
+    pos_interp_offset: float | None = None
+    pos_interp_antialias: bool | None = None
     rope_base: float = 100.0
     layerscale: bool = True
     norm_eps: float = 1e-6
@@ -71,9 +76,8 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-_DINOV2 = dict(family="dinov2", patch_size=14, pos_grid=(37, 37), pos_interp_offset=0.1)
-_DINOV2_REG = dict(_DINOV2, num_register_tokens=4, pos_interp_offset=0.0,
-                   pos_interp_antialias=True)
+_DINOV2 = dict(family="dinov2", patch_size=14, pos_grid=(37, 37))
+_DINOV2_REG = dict(_DINOV2, num_register_tokens=4)
 _DINOV3 = dict(family="dinov3", patch_size=16, position="rope", num_register_tokens=4,
                norm_eps=1e-5, mask_k_bias=True)
 _S = dict(width=384, depth=12, num_heads=6, mlp_dim=1536)
@@ -104,7 +108,13 @@ PRESETS: dict[str, dict] = {
     # it to patch 16 with a 32 x 32 table (conversion/vit.py) so its tokens align with DINOv3's.
     "promptda_vitl14": dict(_DINOV2, **_L),
     "promptda_vitl16": dict(_DINOV2, **_L) | dict(patch_size=16, pos_grid=(32, 32)),
-    "dofa_vitl16": dict(family="dofa", patch_size=16, position="sincos", layerscale=False, **_L),
+    # DOFA as the released SpectralMoE runs it (`DOFAVisionTransformer`): the pretrained table
+    # (sin-cos values for 14 x 14 patches) resized bicubically to 32 x 32 on conversion
+    # (`tools/convert_models/convert_dofa_depthmoe.py`), no final norm (DOFA's files have
+    # none). position='sincos' instead recomputes the sin-cos table for the input grid: other
+    # values than the resized table (positions 0..31 rather than 0..13 stretched).
+    "dofa_vitl16": dict(family="dofa", patch_size=16, pos_grid=(32, 32), layerscale=False,
+                        final_norm=False, **_L),
 }
 
 
@@ -291,15 +301,19 @@ class VisionTransformer(nnx.Module):
         return 1 + self.config.num_register_tokens
 
     def _learned_positions(self, grid, image_hw):
-        """[1 + h*w, D]: the table, interpolated to the grid unless it already fits a square image
-        (the skip condition of DINOv2 and HF, which also decides whether the offset applies)."""
+        """[1 + h*w, D]: the table, interpolated to the grid unless it already fits a square image.
+
+        The skip condition is DINOv2's and HF's (`npatch == N and w == h`, in pixels): a
+        non-square image whose grid equals the table's is still resampled, which with offset 0.1
+        is not the identity.
+        """
         cfg = self.config
         table = self.pos_embed[...]
-        if grid[0] * grid[1] == cfg.pos_grid[0] * cfg.pos_grid[1] and image_hw[0] == image_hw[1]:
+        if tuple(grid) == tuple(cfg.pos_grid) and image_hw[0] == image_hw[1]:
             return table
         patches = interpolate_pos_embed(table[1:], cfg.pos_grid, grid,
-                                        offset=cfg.pos_interp_offset,
-                                        antialias=cfg.pos_interp_antialias)
+                                        offset=cfg.pos_interp_offset or 0.0,
+                                        antialias=bool(cfg.pos_interp_antialias))
         return jnp.concatenate([table[:1], patches], axis=0)
 
     def embed(self, images, wavelengths=None):

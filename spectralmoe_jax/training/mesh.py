@@ -12,16 +12,18 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from spectralmoe_jax.errors import UserError
+
 
 def make_mesh(mesh_config) -> jax.sharding.Mesh:
     """`mesh.model` devices per model group; `mesh.data` = -1 takes the rest."""
     devices = jax.device_count()
-    model = int(mesh_config.get("model", 1))
-    data = int(mesh_config.get("data", -1))
+    model, data = int(mesh_config.model), int(mesh_config.data)
     if data == -1:
         data = devices // model
     if data * model != devices:
-        raise ValueError(f"mesh data={data} x model={model} does not use the {devices} devices")
+        raise UserError(f"config mesh.data={data} x mesh.model={model} does not use the "
+                        f"{devices} devices")
     # Auto axes on purpose: shardings are given explicitly at the jit boundary.
     return jax.make_mesh((data, model), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
 
@@ -37,7 +39,7 @@ def batch_sharding(mesh) -> NamedSharding:
 def fsdp_sharding(mesh, array) -> NamedSharding:
     """Shards the largest axis divisible by the model axis size; replicates small arrays."""
     size = mesh.shape["model"]
-    if size == 1 or array.ndim == 0 or array.size < 2**16:
+    if size == 1 or array.ndim == 0 or int(np.prod(array.shape)) < 2**16:
         return replicated(mesh)
     for axis in np.argsort(array.shape)[::-1]:
         if array.shape[axis] % size == 0:
@@ -47,10 +49,13 @@ def fsdp_sharding(mesh, array) -> NamedSharding:
     return replicated(mesh)
 
 
-def shard_frozen(frozen, mesh, fsdp: bool):
-    if not fsdp:
-        return jax.device_put(frozen, replicated(mesh))
-    return jax.tree.map(lambda x: jax.device_put(x, fsdp_sharding(mesh, x)), frozen)
+def param_sharding(mesh, fsdp: bool, is_frozen):
+    """(path, array) -> where the parameter lives: frozen backbone weights sharded over `model`
+    when `fsdp`, everything else replicated. `is_frozen(path)` tells them apart."""
+    def place(path, array):
+        return fsdp_sharding(mesh, array) if fsdp and is_frozen(path) else replicated(mesh)
+
+    return place
 
 
 def global_batch(batch: dict, mesh) -> dict:

@@ -41,15 +41,15 @@ def make_optimizer(train_config, params) -> tuple[optax.GradientTransformation, 
     """The released optimiser for `params` (the trainable state): AdamW, poly decay, clipping."""
     schedule = poly_schedule(
         train_config.learning_rate, train_config.num_steps, train_config.poly_power,
-        train_config.get("end_learning_rate", 0.0), train_config.get("warmup_steps", 0))
+        train_config.end_learning_rate, train_config.warmup_steps)
     chain = []
-    if train_config.get("clip_grad_norm"):
+    if train_config.clip_grad_norm:
         chain.append(optax.clip_by_global_norm(train_config.clip_grad_norm))
     chain.append(optax.adamw(
         schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train_config.weight_decay,
         mask=decay_mask(params, train_config.no_decay_keys)))
     tx = optax.chain(*chain)
-    accumulate = train_config.get("grad_accum_steps", 1)
+    accumulate = train_config.grad_accum_steps
     if accumulate > 1:
         # The released effective batch is 2 GPUs x 4; MultiSteps reproduces it on one small card
         # by averaging `accumulate` micro-batch gradients before each AdamW update.

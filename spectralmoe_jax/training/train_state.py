@@ -1,6 +1,6 @@
 """The train state and the pure, jitted training step.
 
-`train_step(state, frozen, batch) -> (state, metrics)` is one XLA program: the forward of both
+`train_step(state, frozen, rest, batch) -> (state, metrics)` is one XLA program: the forward of both
 backbones, the adapter, the decoder, the Hungarian matching and the losses, the backward through
 the trainable parameters only, and the AdamW update. Frozen weights are an argument, not part of
 the state: they are never differentiated, never updated and carry no optimiser state.

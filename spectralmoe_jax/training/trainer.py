@@ -14,81 +14,76 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from spectralmoe_jax.models.segmentor import build_segmentor, dataclass_from_config, split_model
+from spectralmoe_jax.errors import UserError
+from spectralmoe_jax.io.checkpoint import Checkpointer
+from spectralmoe_jax.io.metric_writer import MetricWriter
+from spectralmoe_jax.models.segmentor import split_model
 from spectralmoe_jax.training import mesh as mesh_lib
-from spectralmoe_jax.training.checkpoint import Checkpointer, unpack_data_state
-from spectralmoe_jax.training.mask2former_loss import LossConfig
-from spectralmoe_jax.training.metric_writer import MetricWriter
 from spectralmoe_jax.training.optimizer import make_optimizer
 from spectralmoe_jax.training.train_state import init_train_state, make_train_step
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 
 
-def loss_config_from(config) -> LossConfig:
-    return dataclass_from_config(LossConfig, dict(config.get("loss", {})), "loss")
-
-
 class Training:
-    """Everything a run holds: built once, then `run()` loops. Tests drive it step by step."""
+    """Everything a run holds: built once, then `run()` loops. Tests drive it step by step.
 
-    def __init__(self, config, workdir: str):
+    `run` is the `RunConfig`; `model` the segmentor from `build.build_segmentor`, its parameters
+    already placed on `mesh`.
+    """
+
+    def __init__(self, run, workdir: str, model, mesh):
         from spectralmoe_jax.data.pipeline import make_train_iterator
-        from spectralmoe_jax.data.validate import validate_dataset
 
-        self.config = config
+        self.config = run
         self.workdir = workdir
-        tc = config.train
-
-        # --- Bad input is found before anything is written ---------------------------------
-        if tc.get("validate_data", True):
-            # A quick check (headers, a sample of tiles); `--mode validate` reads every pixel.
-            validate_dataset(config.data, read_pixels=False, max_tiles=256)
+        tc = run.train
         self.checkpointer = Checkpointer(
-            os.path.join(workdir, "checkpoints"), keep=tc.get("keep_checkpoints", 3),
-            best_metric="mIoU")
-        self.writer = MetricWriter(workdir, tensorboard=tc.get("tensorboard", True))
+            os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints, best_metric="mIoU")
+        self.writer = MetricWriter(workdir, tensorboard=tc.tensorboard)
 
         # --- Mesh --------------------------------------------------------------------------
-        self.mesh = mesh_lib.make_mesh(config.get("mesh", {}))
+        self.mesh = mesh
         if tc.batch_size % jax.process_count():
-            raise ValueError(f"train.batch_size {tc.batch_size} is not divisible by the "
-                             f"{jax.process_count()} processes")
+            raise UserError(f"train.batch_size {tc.batch_size} is not divisible by the "
+                            f"{jax.process_count()} processes")
 
         # --- Model and optimiser -----------------------------------------------------------
-        model = build_segmentor(config.model, seed=config.seed)
-        self.graphdef, params, frozen, rest = split_model(model)
+        self.graphdef, params, self.frozen, self.rest = split_model(model)
         self.tx, self.schedule = make_optimizer(tc, params)
-        state = init_train_state(params, self.tx, config.seed)
-        self.frozen = mesh_lib.shard_frozen(frozen, self.mesh, config.get("mesh", {}).get("fsdp", False))
-        self.rest = jax.device_put(rest, mesh_lib.replicated(self.mesh))
-        self.state_sharding = jax.tree.map(lambda _: mesh_lib.replicated(self.mesh), state)
+        state = init_train_state(params, self.tx, run.seed)
+        self.state_sharding = jax.tree.map(lambda _: mesh_lib.replicated(mesh), state)
 
         # --- Input pipeline ------------------------------------------------------------------
         self.iterator = make_train_iterator(
-            config.data, seed=config.seed, batch_size=tc.batch_size // jax.process_count(),
+            run.data, seed=run.seed, batch_size=tc.batch_size // jax.process_count(),
             process_index=jax.process_index(), process_count=jax.process_count(),
-            num_workers=config.data.get("num_workers", 0))
+            num_workers=run.data.num_workers)
 
         # --- Resume --------------------------------------------------------------------------
-        restored = self.checkpointer.restore(jax.tree.map(np.asarray, state))
+        template = jax.tree.map(np.asarray, state)
+        restored = self.checkpointer.restore(
+            params=nnx.to_pure_dict(template.params),
+            train={"step": template.step, "opt_state": template.opt_state, "rng": template.rng})
         if restored is not None:
-            state, data_state = restored
-            data_state = unpack_data_state(data_state)
-            if data_state is not None:
-                self.iterator.set_state(data_state)
+            train = restored["train"]
+            params = template.params
+            nnx.replace_by_pure_dict(params, restored["params"])
+            state = state.replace(params=params, step=train["step"],
+                                  opt_state=train["opt_state"], rng=train["rng"])
+            if restored["data"] is not None:
+                self.iterator.set_state(restored["data"])
             logging.info("resumed from step %d", int(state.step))
         self.state = jax.device_put(state, self.state_sharding)
 
         # --- The step ------------------------------------------------------------------------
-        step_fn = make_train_step(
-            self.graphdef, self.tx, num_classes=config.data.num_classes,
-            loss_config=loss_config_from(config), ignore_index=config.data.get("ignore_index", 255))
+        step_fn = make_train_step(self.graphdef, self.tx, num_classes=run.data.num_classes,
+                                  loss_config=run.loss, ignore_index=run.data.ignore_index)
         self.train_step = jax.jit(step_fn, donate_argnums=(0,),
-                                  out_shardings=(self.state_sharding, mesh_lib.replicated(self.mesh)))
-        self.total_steps = tc.num_steps * tc.get("grad_accum_steps", 1)
+                                  out_shardings=(self.state_sharding, mesh_lib.replicated(mesh)))
+        self.total_steps = tc.num_steps * tc.grad_accum_steps
 
     # -------------------------------------------------------------------------------------------
     def model(self):
@@ -102,17 +97,18 @@ class Training:
         return metrics
 
     def save(self, metrics: dict | None = None):
-        self.checkpointer.save(int(self.state.step), self.state, self.iterator.get_state(),
-                               metrics=metrics)
+        state = self.state
+        self.checkpointer.save(
+            int(state.step), params=nnx.to_pure_dict(state.params),
+            train={"step": state.step, "opt_state": state.opt_state, "rng": state.rng},
+            data=self.iterator.get_state(), metrics=metrics)
 
     def run(self, evaluate_fn=None, stop_after: int | None = None) -> dict:
         """Trains to `train.num_steps` (or `stop_after` steps, as if killed there, after its
         checkpoint); returns the last logged metrics."""
         tc = self.config.train
         start = int(self.state.step)
-        log_every = tc.get("log_every", 50)
-        checkpoint_every = tc.get("checkpoint_every", 1000)
-        eval_every = tc.get("eval_every", 0)
+        log_every, checkpoint_every, eval_every = tc.log_every, tc.checkpoint_every, tc.eval_every
         history, last = [], {}
         bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step",
                    disable=jax.process_index() != 0, dynamic_ncols=True)
@@ -133,7 +129,7 @@ class Training:
                 pending = None
             if at_log and history:
                 last = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
-                last["learning_rate"] = float(self.schedule(done // tc.get("grad_accum_steps", 1)))
+                last["learning_rate"] = float(self.schedule(done // tc.grad_accum_steps))
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
                 self.writer.write(done, last)
                 history = []
@@ -144,8 +140,11 @@ class Training:
             if at_ckpt or at_eval:
                 self.save({"mIoU": float(eval_metrics["mIoU"])} if eval_metrics else None)
         bar.close()
-        self.writer.close()
         return last
+
+    def close(self):
+        self.writer.close()
+        self.checkpointer.close()
 
     def _check(self, step: int, metrics) -> dict:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -1,8 +1,11 @@
 """Atomic, resumable checkpoints with orbax's CheckpointManager.
 
-A checkpoint holds what a resumed run needs to continue exactly: the trainable parameters, the
-optimiser state, the step, the RNG key (all in the `TrainState` pytree) and the input iterator's
-state (JSON). The frozen backbones are not saved: they come from their own files or seed.
+A checkpoint holds three items:
+  params  the trainable parameters alone (a plain nested dict, 'adapter/...' and 'head/...'), so
+          that evaluation and prediction restore them without building an optimiser;
+  train   what else a resumed run needs to continue exactly: step, optimiser state, RNG key;
+  data    the input iterator's state (JSON).
+The frozen backbones are not saved: they come from their own files or seed.
 
 orbax writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoints intact; we keep the last `keep` steps and the best one by
@@ -18,8 +21,12 @@ import os
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from spectralmoe_jax.errors import UserError
 
-class CheckpointError(OSError):
+ITEMS = ("params", "train", "data")
+
+
+class CheckpointError(UserError, OSError):
     """A checkpoint that could not be written or read; says where and why."""
 
 
@@ -36,24 +43,28 @@ def check_writable(directory: str) -> None:
 
 
 class Checkpointer:
-    """Saves and restores `(train_state, data_state)` under `directory`."""
+    """Saves and restores the items of a run's checkpoints under `directory`."""
 
-    def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = "mIoU"):
+    def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = "mIoU",
+                 read_only: bool = False):
+        """`read_only`: for evaluation and prediction, which must not touch a run's folder."""
         self.directory = os.path.abspath(directory)
-        check_writable(self.directory)
+        if not read_only:
+            check_writable(self.directory)
         preserve = [policies.LatestN(n=keep)]
         if best_metric:
             preserve.append(policies.BestN(
                 get_metric_fn=lambda metrics: metrics[best_metric], reverse=False, n=1,
                 keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
-            create=True,
+            create=not read_only,
+            read_only=read_only,
             enable_async_checkpointing=False,  # a failed write must surface at the save call
             preservation_policy=policies.AnyPreservationPolicy(preserve),
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "data"), options=options)
+            self.directory, item_names=ITEMS, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -61,14 +72,15 @@ class Checkpointer:
     def best_step(self) -> int | None:
         return self.manager.best_step()
 
-    def save(self, step: int, state, data_state, metrics: dict | None = None) -> None:
+    def save(self, step: int, *, params, train, data, metrics: dict | None = None) -> None:
         """Writes one step atomically. A full disk is a `CheckpointError`; older steps remain."""
         try:
             self.manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data=ocp.args.JsonSave(_jsonable(data_state))),
+                    params=ocp.args.StandardSave(params),
+                    train=ocp.args.StandardSave(train),
+                    data=ocp.args.JsonSave(_jsonable(data))),
                 metrics=metrics, force=True)
             self.manager.wait_until_finished()
         except Exception as error:  # noqa: BLE001 - any write failure is reported the same way
@@ -78,21 +90,24 @@ class Checkpointer:
                 f"could not write checkpoint for step {step} in {self.directory}: {reason}. "
                 f"The last complete checkpoint (step {last}) is untouched.") from error
 
-    def restore(self, abstract_state, step: int | None = None):
-        """Returns (state, data_state) of `step` (default: the latest) or None if there is none."""
+    def restore(self, step: int | None = None, *, params, train=None) -> dict | None:
+        """The items of `step` (default: the latest), restored into the abstract trees given
+        (`train=None`: parameters only, for inference); None if there is no checkpoint."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
             return None
+        args = dict(params=ocp.args.StandardRestore(params))
+        if train is not None:
+            args.update(train=ocp.args.StandardRestore(train), data=ocp.args.JsonRestore())
         try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore()))
+            restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as error:  # noqa: BLE001
             raise CheckpointError(
                 f"cannot restore checkpoint step {step} from {self.directory}: {error}") from error
-        return restored["state"], restored["data"]
+        out = {"step": step, "params": restored["params"]}
+        if train is not None:
+            out.update(train=restored["train"], data=unpack_data_state(restored["data"]))
+        return out
 
     def close(self):
         self.manager.close()

@@ -1,0 +1,1 @@
+"""What a run reads and writes besides data: checkpoints and metric records."""
