@@ -130,7 +130,7 @@ def check_tile(run, tile_size: int) -> tuple[np.ndarray, str, float | None]:
             resolution = None
             if reader.crs is not None and reader.crs.is_projected and (
                     reader.crs.linear_units or "").lower() in ("metre", "meter", "m"):
-                resolution = abs(reader.transform.a) * 100.0
+                resolution = round(abs(reader.transform.a) * 100.0, 6)
     except (DataError, FileNotFoundError, IndexError) as error:
         print(f"export check: no dataset tile at hand ({error}); checking on random input")
         rng = np.random.default_rng(0)
@@ -157,15 +157,22 @@ def to_onnx(model, num_bands: int, tile_size: int, path: str, opset: int,
     from jax2onnx import to_onnx as jax2onnx
 
     spec = jax.ShapeDtypeStruct((1, num_bands, tile_size, tile_size), jnp.float32)
-    with _quiet_loggers("jax2onnx", "onnx_ir"):  # per-node notes on values it types later
-        graph = jax2onnx(lambda tiles: tile_probabilities(model, tiles), [spec],
-                         model_name="spectralmoe", opset=opset, return_mode="ir",
-                         input_names=["image"], output_names=["probabilities"])
-    graph.metadata_props.update(metadata)
-    weights = sum(v.const_value.nbytes for v in graph.graph.initializers.values()
-                  if v.const_value is not None)
-    external = os.path.basename(path) + ".data" if weights > SINGLE_FILE_LIMIT else None
-    ir.save(graph, path, external_data=external)
+    # Quiet: notes on intermediate values left untyped, which onnxruntime types itself.
+    with _quiet_loggers("jax2onnx", "onnx_ir"):
+        try:
+            graph = jax2onnx(lambda tiles: tile_probabilities(model, tiles), [spec],
+                             model_name="spectralmoe", opset=opset, return_mode="ir",
+                             input_names=["image"], output_names=["probabilities"])
+        finally:
+            # jax2onnx traces with jax.numpy patched to its own primitives, and JAX's tracing
+            # caches (jax.checkpoint's, around the deformable sampling) would hand those
+            # traces to a later trace of the same function: jax.export or jit could not lower.
+            jax.clear_caches()
+        graph.metadata_props.update(metadata)
+        weights = sum(v.const_value.nbytes for v in graph.graph.initializers.values()
+                      if v.const_value is not None)
+        external = os.path.basename(path) + ".data" if weights > SINGLE_FILE_LIMIT else None
+        ir.save(graph, path, external_data=external)
     return path
 
 

@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import rasterio
@@ -81,3 +82,13 @@ def test_deepness_metadata_maps_its_input_to_ours(exported):
     assert info["input"]["bands"] == ["R", "G", "B", "NIR"]
     assert [c["code"] for c in info["output"]["classes"]] == list(range(1, 13))
     assert info["check"]["onnxruntime"]["relative_error"] < 1e-4
+
+
+def test_tracing_after_the_onnx_conversion_is_clean(exported, tmp_path):
+    # jax2onnx traces with jax.numpy patched to its own primitives; none of that trace may
+    # reach later ones (jax.checkpoint caches traces): lowering the same function must work.
+    model = export.for_export(exported[0])
+    export.to_onnx(model, 4, 32, str(tmp_path / "model.onnx"), 17, {})
+    tile = jax.ShapeDtypeStruct((1, 4, 32, 32), jnp.float32)
+    lowered = jax.export.export(jax.jit(lambda x: export.tile_probabilities(model, x)))(tile)
+    assert lowered.out_avals[0].shape == (1, 12, 32, 32)
