@@ -150,24 +150,30 @@ def compare(reference: np.ndarray, other: np.ndarray, tie: float = 1e-4) -> dict
             "label_agreement": float(same.mean()), "decided_fraction": float(decided.mean())}
 
 
+def onnx_graph(fn, inputs, opset: int, **names):
+    """jax2onnx's graph (onnx_ir) of `fn` on `inputs` (ShapeDtypeStructs)."""
+    from jax2onnx import to_onnx as jax2onnx
+
+    try:
+        return jax2onnx(fn, list(inputs), model_name="spectralmoe", opset=opset,
+                        return_mode="ir", **names)
+    finally:
+        # jax2onnx traces with jax.numpy patched to its own primitives, and JAX's tracing
+        # caches (jax.checkpoint's, around the deformable sampling) would hand those traces to
+        # a later trace of the same function: jax.export or jit could not lower it.
+        jax.clear_caches()
+
+
 def to_onnx(model, num_bands: int, tile_size: int, path: str, opset: int,
             metadata: dict[str, str]) -> str:
     """Writes `tile_probabilities` of `model` as ONNX, input 'image', output 'probabilities'."""
     import onnx_ir as ir
-    from jax2onnx import to_onnx as jax2onnx
 
     spec = jax.ShapeDtypeStruct((1, num_bands, tile_size, tile_size), jnp.float32)
     # Quiet: notes on intermediate values left untyped, which onnxruntime types itself.
     with _quiet_loggers("jax2onnx", "onnx_ir"):
-        try:
-            graph = jax2onnx(lambda tiles: tile_probabilities(model, tiles), [spec],
-                             model_name="spectralmoe", opset=opset, return_mode="ir",
-                             input_names=["image"], output_names=["probabilities"])
-        finally:
-            # jax2onnx traces with jax.numpy patched to its own primitives, and JAX's tracing
-            # caches (jax.checkpoint's, around the deformable sampling) would hand those
-            # traces to a later trace of the same function: jax.export or jit could not lower.
-            jax.clear_caches()
+        graph = onnx_graph(lambda tiles: tile_probabilities(model, tiles), [spec], opset,
+                           input_names=["image"], output_names=["probabilities"])
         graph.metadata_props.update(metadata)
         weights = sum(v.const_value.nbytes for v in graph.graph.initializers.values()
                       if v.const_value is not None)
