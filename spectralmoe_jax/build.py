@@ -20,7 +20,7 @@ from flax import nnx
 
 from spectralmoe_jax.conversion import load
 from spectralmoe_jax.conversion.rules import ConversionError, check_params, flatten_state
-from spectralmoe_jax.models.segmentor import Segmentor, SegmentorConfig
+from spectralmoe_jax.models.segmentor import Segmentor, SegmentorConfig, trained_variables
 
 PARTS = ("vfm", "depth")  # frozen backbones with their own weights
 
@@ -81,8 +81,7 @@ def build_segmentor(model_section, *, seed: int = 0, trained: str | None = None,
             filled.update({f"{part}/{k}": v for k, v in params.items()})
     if "trained" in opened:
         params = load.trained_params(opened["trained"], abstract)
-        trained_paths = {k: v for k, v in ours.items() if k.split("/")[0] in ("adapter", "head")}
-        check_params(params, trained_paths, where=f"{opened['trained'].path} (adapter + head)")
+        check_params(params, trained_variables(ours), where=f"{opened['trained'].path} (trained)")
         filled.update(params)
     model = materialise(config, seed, abstract, filled, sharding)
     return Built(model, config, {p: o.path for p, o in opened.items()},

@@ -72,6 +72,9 @@ def base_config(data: ml_collections.ConfigDict, *, num_steps: int,
         wavelengths=tuple(data.get("wavelengths") or ()),  # per band, um: DOFA needs them
         checkpoint="",          # trained adapter + head: released .pth or `--mode convert` output
         convert_target="vfm",   # `--mode convert` of a foundation-model file: 'vfm' or 'depth'
+        neck="resize",          # 'clip_fpn': the released CLIP wrapper's trained pyramid
+        # VFM blocks followed by the adapter; None: every block (the SAM wrapper: its global ones)
+        adapter_layers=ml_collections.config_dict.placeholder(tuple),
     ))
     config.loss = section_config(LossConfig)
     every = max(num_steps // 10, 1)

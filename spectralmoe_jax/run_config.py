@@ -136,6 +136,8 @@ class ModelSection:
     checkpoint: str  # trained adapter + head: released .pth, converted folder, workdir
     convert_target: str  # `--mode convert` of a foundation-model file: 'vfm' or 'depth'
     num_classes: int
+    neck: str = "resize"  # 'resize' | 'clip_fpn' (the released CLIP wrapper's pyramid)
+    adapter_layers: tuple[int, ...] | None = None  # VFM blocks with the adapter; None: all
 
     def segmentor(self, implied: Mapping[str, Mapping[str, Any]] | None = None) -> SegmentorConfig:
         """The resolved model; `implied` holds per part ('vfm', 'depth', 'adapter') the settings
@@ -160,7 +162,8 @@ class ModelSection:
         layers = self.feature_layers or default_feature_layers(vfm.depth)
         return _build(SegmentorConfig, dict(
             vfm=vfm, depth=depth, depth_bands=self.depth.bands, adapter=adapter, decoder=decoder,
-            feature_layers=layers, wavelengths=self.wavelengths), "model")
+            feature_layers=layers, wavelengths=self.wavelengths, neck=self.neck,
+            adapter_layers=self.adapter_layers), "model")
 
     @property
     def weights(self) -> dict[str, WeightsConfig]:
@@ -196,7 +199,7 @@ class RunConfig:
 TOP_LEVEL = ("seed", "distributed", "data", "model", "loss", "train", "eval", "predict", "export",
              "mesh")
 MODEL_KEYS = ("dtype", "vfm", "depth", "adapter", "decoder", "feature_layers", "wavelengths",
-              "checkpoint", "convert_target")
+              "checkpoint", "convert_target", "neck", "adapter_layers")
 BACKBONE_KEYS = ("preset", "overrides", *(f.name for f in dataclasses.fields(WeightsConfig)))
 
 
@@ -267,6 +270,7 @@ def _model(config, data: DatasetSpec) -> ModelSection:
     adapter_fields = _set(adapter)
     enabled = adapter_fields.pop("enabled", True)
     layers = model.get("feature_layers")
+    adapter_layers = model.get("adapter_layers")
     section = ModelSection(
         dtype=str(model.get("dtype") or "float32"),
         vfm=_backbone(model.get("vfm") or {}, "model.vfm"),
@@ -277,7 +281,9 @@ def _model(config, data: DatasetSpec) -> ModelSection:
         wavelengths=tuple(float(w) for w in (model.get("wavelengths") or data.wavelengths or ())),
         checkpoint=str(model.get("checkpoint") or ""),
         convert_target=str(model.get("convert_target") or "vfm"),
-        num_classes=data.num_classes)
+        num_classes=data.num_classes,
+        neck=str(model.get("neck") or "resize"),
+        adapter_layers=None if adapter_layers is None else tuple(int(i) for i in adapter_layers))
     section.segmentor()  # every model error at start, before any file is read
     return section
 

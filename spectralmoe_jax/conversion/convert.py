@@ -20,7 +20,7 @@ from flax import nnx
 from spectralmoe_jax.conversion import load
 from spectralmoe_jax.conversion import vit as vit_conversion
 from spectralmoe_jax.conversion.rules import ConversionError, check_params, flatten_state
-from spectralmoe_jax.models.segmentor import Segmentor
+from spectralmoe_jax.models.segmentor import Segmentor, trained_variables
 from spectralmoe_jax.models.vit import VisionTransformer
 
 TRAINED_PREFIXES = ("decode_head.",)
@@ -40,9 +40,7 @@ def convert_checkpoint(run, input_path: str, output_dir: str) -> str:
         config = run.model.segmentor(implied)
         model = nnx.eval_shape(lambda: Segmentor(config, rngs=nnx.Rngs(0)))
         params = load.trained_params(opened, model)
-        expected = {k: v for k, v in flatten_state(nnx.state(model)).items()
-                    if k.split("/")[0] in ("adapter", "head")}
-        check_params(params, expected, where=input_path)
+        check_params(params, trained_variables(flatten_state(nnx.state(model))), where=input_path)
         meta = {"holds": "trained", "implied": implied["adapter"]}
         what = "adapter + Mask2Former head"
     else:
