@@ -200,7 +200,9 @@ def route(
         std = jax.nn.softplus(jnp.einsum("bnd,de->bne", f, w_noise)) + noise_epsilon
         logits = clean + eps * std
     top_values, top_index = jax.lax.top_k(logits, min(top_k + 1, num_experts))
-    selected = jax.nn.one_hot(top_index[..., :top_k], num_experts, dtype=bool).any(axis=-2)
+    # A comparison rather than jax.nn.one_hot: the same mask, and it exports to ONNX (whose
+    # runtimes have no boolean OneHot).
+    selected = (top_index[..., :top_k, None] == jnp.arange(num_experts)).any(axis=-2)
     gates = jax.nn.softmax(jnp.where(selected, logits, -jnp.inf), axis=-1)
     importance = jnp.sum(gates, axis=(0, 1))
     if std is not None and top_k < num_experts:

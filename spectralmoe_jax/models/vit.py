@@ -317,7 +317,8 @@ class Attention(nnx.Module):
         if cfg.qkv_bias:
             bias = self.qkv.bias[...]
             if cfg.mask_k_bias:  # dinov3 LinearKMaskedBias: bias * [1, 0, 1] over (q, k, v)
-                bias = bias.at[cfg.width:2 * cfg.width].set(0.0)
+                # (a product, as dinov3's, rather than a scatter: this exports to ONNX)
+                bias = bias * np.repeat(np.array([1, 0, 1], bias.dtype), cfg.width)
             qkv = qkv + bias.astype(dtype)
         q, k, v = rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=cfg.num_heads)
         if rope is not None:
