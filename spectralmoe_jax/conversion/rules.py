@@ -156,8 +156,8 @@ def _expected_layers(target: str, depth: int, expected):
 def _stack(target: str, parts: dict[tuple[int, ...], np.ndarray], keys: dict, expected,
            problems: Problems) -> np.ndarray | None:
     """Stacks per-layer arrays into [L, ...] (or [L, E, ...] for two indices), or records why not:
-    missing or surplus layers against the model (or gaps in what the file holds) and per-layer
-    shapes that do not fit, each by name."""
+    missing or surplus layers against the model (or gaps in what the file holds) and layers
+    whose shape differs from the others', each by name."""
     depth = len(next(iter(parts)))
     counts = _expected_layers(target, depth, expected)
     if counts is None:  # unknown model: the file's own range
@@ -175,17 +175,17 @@ def _stack(target: str, parts: dict[tuple[int, ...], np.ndarray], keys: dict, ex
     if surplus:
         problems.unexpected += [keys[i] for i in surplus]
         ok = False
-    if _shape(expected, target) is not None:
-        element = _shape(expected, target)[depth:]
-    else:  # the shape most layers share
-        shapes = [parts[i].shape for i in sorted(parts)]
-        element = max(set(shapes), key=shapes.count)
+    # Per-layer shapes against each other; the stack against the model in `check_params`
+    # (after any resize a converter applies, e.g. relative-position tables).
+    shapes = [parts[i].shape for i in sorted(parts)]
+    element = max(set(shapes), key=shapes.count)
     for i in sorted(set(parts) & wanted):
         if parts[i].shape != element:
             problems.mis_shaped.append(
                 f"{keys[i]} -> {target}[{', '.join(map(str, i))}]: checkpoint "
-                f"{tuple(parts[i].shape)} vs model {element}")
+                f"{tuple(parts[i].shape)} vs {element} in the other layers")
             ok = False
+    problems.sources[target] = compact_names(keys.values())
     if not ok:
         problems.reported.add(target)
         return None
