@@ -240,7 +240,8 @@ def test_vit_problems_on_the_command_line(tmp_path):
     del state["norm.bias"]
     state["model.layer.2.norm1.weight"] = np.zeros(48, np.float32)
     path = save_pth(state, tmp_path / "dinov3.pth")
-    run = main("--config", "configs/demo.py", "--mode", "convert", "--input", path,
+    # The demo's random-backbone variant: a 4-block DINOv3 of width 64.
+    run = main("--config", "configs/demo.py:random", "--mode", "convert", "--input", path,
                "--output", str(tmp_path / "out"), workdir=tmp_path)
     assert run.returncode != 0 and "Traceback" not in run.stderr
     [line] = [line for line in run.stderr.splitlines() if line.startswith("error")]
