@@ -28,7 +28,9 @@ def test_every_config_and_variant_builds(name):
         assert adapter.kind == ("rein" if method == "rein" else "spectral_moe")
         assert adapter.use_moe == (method != "no_moe")
         assert adapter.dual_gating == (method != "no_dual_gating")
-        assert adapter.fusion == ("add" if method == "no_cross_attention" else "attention")
+        # Unset: the paper's Eq. 6, or the released diagonal form for released weights.
+        assert adapter.fusion == ("add" if method == "no_cross_attention" else None)
+        assert adapter.compat is None
     with pytest.raises(ValueError, match="bogus"):
         module.get_config("bogus")
 

@@ -114,8 +114,12 @@ def open_checkpoint(path: str, *, scheme: str = "auto", prefix: str = "") -> Ope
         meta = read_meta(path)
         return Opened(path, "orbax", _read_orbax(path), implied=dict(meta.get("implied", {})),
                       holds=meta.get("holds", ""))
-    return Opened(path, "torch",
-                  vit_conversion.select_prefix(load_state_dict(path), prefix, path), scheme=scheme)
+    from spectralmoe_jax.conversion import adapter
+
+    state = vit_conversion.select_prefix(load_state_dict(path), prefix, path)
+    # Released DepthMoE weights imply the released adapter math (a backbone file implies
+    # nothing here; its settings come from `backbone_implied`).
+    return Opened(path, "torch", state, scheme=scheme, implied=adapter.implied_settings(state))
 
 
 def _open_run(directory: str, step: int) -> Opened:
@@ -157,7 +161,8 @@ def backbone_params(opened: Opened, config, *, stem: str = "cyclic") -> dict[str
 
 def trained_params(opened: Opened, model) -> dict[str, np.ndarray]:
     """The trained variables (everything outside the frozen backbones: 'adapter/...',
-    'head/...', a neck's) for `model`."""
+    'head/...', a neck's) for `model`: those the checkpoint holds (a released adapter alone, a
+    head alone, or both)."""
     if opened.kind != "torch":
         return opened.state
     from spectralmoe_jax.conversion.segmentor import convert_trained_parts

@@ -69,17 +69,21 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from spectralmoe_jax.conversion.rules import (
     ConversionError,
+    Problems,
     Rule,
     apply_rules,
+    check_params,
     conv_kernel,
     linear_kernel,
+    param_shapes,
 )
 from spectralmoe_jax.models import resize
 from spectralmoe_jax.models.rope import eva_rope_sincos, rope_periods
-from spectralmoe_jax.models.vit import ViTConfig
+from spectralmoe_jax.models.vit import VisionTransformer, ViTConfig
 
 SCHEMES = ("dinov2", "dinov3", "hf_dinov2", "hf_dinov3", "promptda", "promptda_hf", "dofa",
            "clip", "hf_clip", "sam", "hf_sam", "eva02", "hf_dinov2_onnx")
@@ -591,9 +595,11 @@ def _adapt(params: dict, config: ViTConfig, *, resize_patch: bool, resize_pos: b
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ViTConfig,
                        scheme: str = "auto", *, prefix: str = "",
-                       allow_unexpected: Sequence[str] = (), resize_patch: bool = False,
-                       resize_pos: bool = False, stem: str | None = None) -> dict[str, np.ndarray]:
-    """A PyTorch ViT state dict -> {our parameter path: array}.
+                       allow_unexpected: Sequence[str] = (), allow_missing: Sequence[str] = (),
+                       resize_patch: bool = False, resize_pos: bool = False,
+                       stem: str | None = None) -> dict[str, np.ndarray]:
+    """A PyTorch ViT state dict -> {our parameter path: array}, checked against `config`'s model:
+    every unexpected, missing (per layer) and mis-shaped key is named in one ConversionError.
 
     `prefix` selects a sub-model of a larger checkpoint (e.g. 'backbone.' or
     'depth_anything.pretrained.'): keys outside it are ignored, keys inside lose it.
@@ -611,5 +617,13 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ViTConfig,
     if not config.final_norm:  # a final norm in the checkpoint is dropped, not an error
         ignored += tuple(rule.source for rule in rules if rule.target.startswith("norm/"))
         rules = [rule for rule in rules if not rule.target.startswith("norm/")]
-    params = apply_rules(state, rules, allow_unexpected=(*ignored, *allow_unexpected))
-    return _adapt(params, config, resize_patch=resize_patch, resize_pos=resize_pos, stem=stem)
+    expected = param_shapes(nnx.eval_shape(lambda: VisionTransformer(config, rngs=nnx.Rngs(0))))
+    problems = Problems()
+    params = apply_rules(state, rules, expected=expected, problems=problems,
+                         allow_unexpected=(*ignored, *allow_unexpected))
+    try:
+        params = _adapt(params, config, resize_patch=resize_patch, resize_pos=resize_pos, stem=stem)
+    except ValueError as error:  # a table or kernel the released options cannot resize
+        problems.other.append(str(error))
+    check_params(params, expected, allow_missing=allow_missing, problems=problems)
+    return params
