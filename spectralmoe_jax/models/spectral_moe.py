@@ -31,6 +31,7 @@ to floating-point reassociation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -347,27 +348,30 @@ class SpectralMoE(nnx.Module):
         routings = []
         no_expert = jnp.zeros((batch, tokens), jnp.int32)
 
+        # The router, the experts and the fusion are recomputed in the backward: their float32
+        # elementwise work over [B, N, E], [B, N, E, m] and [B, N, N] would otherwise be saved
+        # per layer, dozens of stacked residuals of the ViT's scan (GiBs), each zero-filled,
+        # written and read back (copies in the GPU program, issue 20), for a recomputation of
+        # under 1% of the step's FLOPs.
+        coordinates = jax.checkpoint(expert_coordinates)
+        fusion = jax.checkpoint(fuse, static_argnums=(3, 4))
+        gating = jax.checkpoint(functools.partial(route, top_k=c.top_k, p=c.gate_p,
+                                                  noise_epsilon=c.noise_epsilon))
+
         def adjust(f, gate, eps):
             if not c.routed:
-                return expert_coordinates(f, jnp.ones((batch, tokens, 1)), a, b), no_expert
-            routing = route(
-                f,
-                _at_layer(self.w_gate[...], layer_index)[gate],
-                _at_layer(self.w_noise[...], layer_index)[gate],
-                top_k=c.top_k,
-                p=c.gate_p,
-                noise_epsilon=c.noise_epsilon,
-                eps=eps,
-            )
+                return coordinates(f, jnp.ones((batch, tokens, 1)), a, b), no_expert
+            routing = gating(f, _at_layer(self.w_gate[...], layer_index)[gate],
+                             _at_layer(self.w_noise[...], layer_index)[gate], eps=eps)
             routings.append(routing)
-            return expert_coordinates(f, routing.gates, a, b), routing.expert
+            return coordinates(f, routing.gates, a, b), routing.expert
 
         f_in = f_v.astype(dtype)
         z_v, expert_v = adjust(f_in, 0, eps_v)
         expert_d = no_expert
         if c.depth:
             z_d, expert_d = adjust(f_d.astype(dtype), c.num_gates - 1, eps_d)
-            fused = fuse(z_v, z_d, basis @ basis.T, c.fusion, c.width)
+            fused = fusion(z_v, z_d, basis @ basis.T, c.fusion, c.width)
         else:
             fused = z_v
         # Eq. 7, MLP(F + f_v) = MLP(f_v) + z (U W), the fused adjustment never widened to d.
