@@ -258,6 +258,8 @@ def main(argv=None):
             os.environ.get("XLA_FLAGS", ""), GPU_FLAGS,
             f"--xla_dump_to={DUMP_DIR} --xla_dump_hlo_module_re=^jit_ --xla_dump_hlo_as_text"]))
     else:
+        # Several compiles may hold libtpu at once (no chip is opened).
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         os.environ["XLA_FLAGS"] = " ".join(filter(None, [
             os.environ.get("XLA_FLAGS", ""),
             f"--xla_dump_to={DUMP_DIR} --xla_dump_hlo_module_re=^jit_ --xla_dump_hlo_as_text"]))

@@ -177,6 +177,7 @@ def metadata(args, config) -> dict:
         "size": args.size,
         "dtype": str(config.model.dtype),
         "attention": config.model.vfm.overrides.get("attention", "auto"),
+        "decoder_attention": config.model.decoder.get("attention_implementation"),
         "remat": config.model.vfm.overrides.get("remat", "none"),
         "compile_only": getattr(args, "compile_only", True),
         "steps": getattr(args, "steps", None),
@@ -222,6 +223,8 @@ def add_model_args(parser, batches: bool = False):
                         choices=("xla", "cudnn", "pallas", "splash", "splash128"),
                         help="kernels the 'attention' part compares (default: xla cudnn pallas "
                              "on a GPU; splash, splash128: TPU splash attention)")
+    parser.add_argument("--decoder-attention", choices=("xla", "cudnn"),
+                        help="the masked-attention decoder's attention implementation")
     parser.add_argument("--remat", choices=("none", "dots", "full"),
                         help="override the VFM blocks' remat policy (ViTConfig.remat)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="override model.dtype")
@@ -247,7 +250,8 @@ def expand_parts(parser, names, default):
 def make_context(args, *, abstract: bool, default_attention_impls=("xla",)):
     """The config with the command line's choices, the model, and the part options."""
     config = apply_overrides(load_config(args.config), dtype=args.dtype, attention=args.attention,
-                             remat=args.remat, vfm=args.vfm)
+                             remat=args.remat, vfm=args.vfm,
+                             decoder_attention=args.decoder_attention)
     args.batch = args.batch or config.train.batch_size
     args.size = args.size or config.data.crop_size[0]
     args.attention_impls = args.attention_impls or list(default_attention_impls)

@@ -102,8 +102,11 @@ def load_config(path: str):
     return module.get_config(config_lib.parse_variant(variant or None))
 
 
-def apply_overrides(config, *, dtype=None, attention=None, remat=None, vfm=None):
+def apply_overrides(config, *, dtype=None, attention=None, remat=None, vfm=None,
+                    decoder_attention=None):
     """The command line's model choices, written into the config before the model is built."""
+    if decoder_attention:
+        config.model.decoder.attention_implementation = decoder_attention
     if dtype:
         config.model.dtype = dtype
     if vfm:
