@@ -276,6 +276,8 @@ def main(argv=None):
     # cuDNN flash attention on a GPU is what 'auto' runs there; XLA's on a TPU.
     if not args.attention:
         args.attention = "cudnn" if target.platform == "cuda" else "xla"
+    if not args.decoder_attention:  # the same for the decoder's 'auto'
+        args.decoder_attention = "cudnn" if target.platform == "cuda" else "xla"
     batches = args.batch or [None]  # None: the config's batch
     meta = {"target": dataclasses.asdict(target) | {"gpu_description": None},
             "devices": len(devices), "device_kind": devices[0].device_kind,
@@ -300,7 +302,7 @@ def main(argv=None):
                     records[key] = check(program, target, mesh, args)
                 except Exception as error:  # noqa: BLE001 - a refusal is a finding
                     records[key] = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
-                records[key]["batch"] = batch
+                records[key].setdefault("batch", batch)
                 print(row(key, records[key]), flush=True)
                 if args.out:
                     Path(args.out).write_text(json.dumps(result, indent=1, default=str))

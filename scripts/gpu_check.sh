@@ -10,7 +10,7 @@
 #   1. parity tests: tests/test_attention.py, tests/test_vit.py (PyTorch references on the CPU)
 #   2. attention: cuDNN and Pallas flash attention on tokens padded to a multiple of 128 (true
 #      lengths passed) against XLA attention, bf16, forward and gradients, at ViT-L shape (1029
-#      tokens)
+#      tokens); cuDNN on the decoder's masked cross-attention (100 queries, 4096 keys)
 #   3. the side by side: our train step (scripts/benchmark.py --parts matmul step, batch 8,
 #      512x512, bf16; $OUT/bench_step.json) and the PyTorch peer's (torch_peer.py, eager, then
 #      torch.compile while time remains; $OUT/torch_peer.jsonl), their ratio in
@@ -74,7 +74,7 @@ run_for 90 "$PY" -m pytest tests/test_attention.py tests/test_vit.py -x -q -p no
   2>&1 | tee "$OUT_DIR/pytest.txt" | tail -n 15 || failed+=("parity tests")
 
 stage "2/5 cuDNN and Pallas vs XLA attention, bf16, padded lengths"
-run_for 60 "$PY" - "$OUT_DIR/attention_check.json" <<'EOF' || failed+=("attention check")
+run_for 75 "$PY" - "$OUT_DIR/attention_check.json" <<'EOF' || failed+=("attention check")
 """cuDNN and Pallas flash attention (padded to 1152, true length 1029) equal XLA attention in
 bf16."""
 import json
@@ -128,6 +128,40 @@ for kernel in ("cudnn", "pallas"):
     # padding changed nothing beyond rounding.
     result["ok"] &= all(result[f"{kernel}_bf16_vs_f32"][n]
                         <= 2 * result["xla_bf16_vs_f32"][n] + 1e-3 for n in names)
+# The masked-attention decoder's cross-attention (attention_implementation 'auto' = cuDNN on a
+# GPU): 100 queries of 8 heads x 32 against the finest level's 64 x 64 keys, a random mask.
+queries, keys_len = 100, 4096
+dkeys = jax.random.split(jax.random.key(1), 5)
+dq = jax.random.normal(dkeys[0], (B, queries, 8, 32), jnp.float32)
+dk, dv = (jax.random.normal(k_, (B, keys_len, 8, 32), jnp.float32) for k_ in dkeys[1:3])
+dmask = jax.random.bernoulli(dkeys[3], 0.3, (B, 1, queries, keys_len)).at[..., 0].set(True)
+dcot = jax.random.normal(dkeys[4], (B, queries, 8, 32), jnp.float32)
+
+
+def decoder_run(implementation, dtype):
+    def f(q, k, v):
+        out = dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                                    mask=dmask, implementation=implementation)
+        return jnp.vdot(out.astype(jnp.float32), dcot), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(dq, dk, dv)
+    return [out.astype(jnp.float32), *grads]
+
+
+with jax.default_matmul_precision("highest"):
+    decoder_reference = decoder_run("xla", jnp.float32)
+decoder_xla = decoder_run("xla", jnp.bfloat16)
+result["decoder_xla_bf16_vs_f32"] = {n: rel(a, b) for n, a, b in
+                                     zip(names, decoder_xla, decoder_reference)}
+try:
+    decoder_cudnn = decoder_run("cudnn", jnp.bfloat16)
+    result["decoder_cudnn_bf16_vs_f32"] = {n: rel(a, b) for n, a, b in
+                                           zip(names, decoder_cudnn, decoder_reference)}
+    result["ok"] &= all(result["decoder_cudnn_bf16_vs_f32"][n]
+                        <= 2 * result["decoder_xla_bf16_vs_f32"][n] + 1e-3 for n in names)
+except Exception as error:  # noqa: BLE001 - record it
+    result["decoder_cudnn"] = f"{type(error).__name__}: {str(error)[:300]}"
+    result["ok"] = False
 try:  # SPEC 4: unpadded 1029 tokens were rejected by cuDNN; record whether that still holds
     jax.block_until_ready(jax.nn.dot_product_attention(
         q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
