@@ -62,10 +62,11 @@ def jaxpr_flops(jaxpr) -> float:
             total += 2.0 * math.prod(out) * math.prod(rhs) / rhs[spec[0]]
         elif name.startswith("dot_product_attention_"):  # cuDNN: fwd q k^T, p v; bwd 4 products
             q, k = shapes[0], shapes[1]
-            bnth = "BNTH" in str(eqn.params.get("layout", ""))
-            t, s_len = (q[2], k[2]) if bnth else (q[1], k[1])
+            layout = eqn.params.get("layout", 0)  # jax's AttentionLayout: BTNH = 0, BNTH = 1
+            s_len = k[2] if layout == 1 or "BNTH" in str(layout) else k[1]
             products = 4 if "bwd" in name else 2
-            total += 2.0 * products * math.prod(q) * s_len / t
+            # Each product is 2 B N T S H FLOPs, q has B T N H elements (the padded lengths).
+            total += 2.0 * products * math.prod(q) * s_len
         sub = [jaxpr_flops(j) for j in jax_core.jaxprs_in_params(eqn.params)]
         if name == "cond":
             total += max(sub, default=0.0)

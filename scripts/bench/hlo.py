@@ -191,7 +191,7 @@ def hlo_stats(text: str) -> dict:
         "copies": count("copy"),
         "transposes": count("transpose"),
         "collectives": dict(collectives),
-        "copy_transpose_kinds": dict(copy_kinds.most_common(30)),
+        "copy_transpose_kinds": dict(copy_kinds.most_common()),
         "by_source": {op: dict(c.most_common(12)) for op, c in by_source.items()},
         "host_transfers": host,
         "text_chars": len(text),
