@@ -302,6 +302,8 @@ def main(argv=None):
                     records[key] = check(program, target, mesh, args)
                 except Exception as error:  # noqa: BLE001 - a refusal is a finding
                     records[key] = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
+                    if "RESOURCE_EXHAUSTED" in str(error):  # the TPU compiler's own verdict
+                        records[key]["fits"] = False
                 records[key].setdefault("batch", batch)
                 print(row(key, records[key]), flush=True)
                 if args.out:
