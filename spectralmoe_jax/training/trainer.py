@@ -28,6 +28,12 @@ class NonFiniteLossError(UserError, FloatingPointError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 
 
+def trained_item(state) -> dict:
+    """What evaluation needs of a run: the trained parameters and the statistics they keep, as
+    plain nested dicts (the checkpoint's `trained` item)."""
+    return {"params": nnx.to_pure_dict(state.params), "stats": nnx.to_pure_dict(state.stats)}
+
+
 class Training:
     """Everything a run holds: built once, then `run()` loops. Tests drive it step by step.
 
@@ -56,12 +62,12 @@ class Training:
                             f"{self.strategy!r})")
 
         # --- Model and optimiser -----------------------------------------------------------
-        self.graphdef, params, self.frozen, self.rest = split_model(model)
+        self.graphdef, params, self.frozen, stats = split_model(model)
         self.tx, self.schedule = make_optimizer(tc, params)
         # Every part of the state is made in its sharding (parameters by their logical names).
-        self.state_sharding = state_shardings(params, self.tx, mesh, self.strategy)
-        state = jax.jit(lambda p: init_train_state(p, self.tx, run.seed),
-                        out_shardings=self.state_sharding)(params)
+        self.state_sharding = state_shardings(params, self.tx, mesh, self.strategy, stats)
+        state = jax.jit(lambda p, s: init_train_state(p, self.tx, run.seed, s),
+                        out_shardings=self.state_sharding)(params, stats)
 
         # --- Input pipeline ------------------------------------------------------------------
         self.iterator = make_train_iterator(
@@ -76,13 +82,14 @@ class Training:
             lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
             state, self.state_sharding)
         restored = self.checkpointer.restore(
-            params=nnx.to_pure_dict(template.params),
+            trained=trained_item(template),
             train={"step": template.step, "opt_state": template.opt_state, "rng": template.rng})
         if restored is not None:
-            train = restored["train"]
-            params = template.params
-            nnx.replace_by_pure_dict(params, restored["params"])
-            state = state.replace(params=params, step=train["step"],
+            train, trained = restored["train"], restored["trained"]
+            params, stats = template.params, template.stats
+            nnx.replace_by_pure_dict(params, trained["params"])
+            nnx.replace_by_pure_dict(stats, trained["stats"])
+            state = state.replace(params=params, stats=stats, step=train["step"],
                                   opt_state=train["opt_state"], rng=train["rng"])
             if restored["data"] is not None:
                 self.iterator.set_state(restored["data"])
@@ -102,7 +109,7 @@ class Training:
     # -------------------------------------------------------------------------------------------
     def model(self):
         """The current model (trainable parameters from the state), for evaluation."""
-        return nnx.merge(self.graphdef, self.state.params, self.frozen, self.rest)
+        return nnx.merge(self.graphdef, self.state.params, self.frozen, self.state.stats)
 
     def step(self):
         """One step; returns its metrics as device arrays (not yet fetched)."""
@@ -110,16 +117,15 @@ class Training:
         if self._compiled_step is None:
             # Every process compiles before any runs: the step's collectives then find all
             # processes there, however long each one's compilation took.
-            self._compiled_step = self.train_step.lower(
-                self.state, self.frozen, self.rest, batch).compile()
+            self._compiled_step = self.train_step.lower(self.state, self.frozen, batch).compile()
             sharding.wait_for_all_processes("train step compiled")
-        self.state, metrics = self._compiled_step(self.state, self.frozen, self.rest, batch)
+        self.state, metrics = self._compiled_step(self.state, self.frozen, batch)
         return metrics
 
     def save(self, metrics: dict | None = None):
         state = self.state
         self.checkpointer.save(
-            int(state.step), params=nnx.to_pure_dict(state.params),
+            int(state.step), trained=trained_item(state),
             train={"step": state.step, "opt_state": state.opt_state, "rng": state.rng},
             data=self.iterator.get_state(), metrics=metrics)
 
