@@ -133,7 +133,7 @@ def _open_run(directory: str, step: int) -> Opened:
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            saved = checkpointer.metadata(path).tree
+            saved = checkpointer.metadata(path).item_metadata.tree
             target = jax.tree.map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), saved)
             trained = checkpointer.restore(path, target)
