@@ -23,7 +23,11 @@ The cases, by group (the issue's failing ones marked *):
     over; NaN stop; full disk (injected ENOSPC*, and a real small tmpfs when running as root);
     read-only workdir (train refused, eval with --output works);
   eval and predict: no trained weights* (refused; untrained only when asked, and said), predict
-    on a missing input and on a tile with too few bands*.
+    on a missing input and on a tile with too few bands*;
+  in process, below the command line: the skip policy's replacement keeps the stream
+    deterministic and resumable and evaluation leaves the tile out; the lock's pid fallback
+    where a file system has no flock; a disk without room for the arrays refused before
+    orbax writes.
 Predict on a folder (it must skip the masks) belongs to the GIS work (evaluation/predict.py) and
 is tested there. The in-process engine tests (tests/test_training.py: exact resume, NaN stop,
 frozen weights, full disk at the save call, unwritable workdir) and the validation unit tests
@@ -636,3 +640,36 @@ def test_skipped_tiles_keep_the_stream_deterministic_and_leave_evaluation(tmp_pa
     evaluation = pipeline.make_eval_source(data, "target")
     names = [example["name"] for example in evaluation]
     assert names == ["D004_2021_IMG_000687_aerial"]
+
+
+def test_the_lock_without_flock_falls_back_to_the_recorded_pid(tmp_path, monkeypatch):
+    """On file systems without advisory locks the recorded holder decides: alive refuses
+    (with how to clear it), dead is taken over. With flock, a second holder is refused."""
+    import errno
+    import fcntl
+
+    from spectralmoe_jax.io import workdir as workdir_lib
+
+    first = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    with pytest.raises(workdir_lib.WorkdirError, match=f"pid {os.getpid()}, started"):
+        workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    first.release()
+    assert not os.path.exists(tmp_path / "lock.json")
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    holder = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    with pytest.raises(workdir_lib.WorkdirError, match="if that run is no longer running, delete"):
+        workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    holder.release()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(tmp_path / "lock.json", "w") as f:
+        json.dump({"host": __import__("socket").gethostname(), "pid": dead.pid,
+                   "started": "earlier"}, f)
+    taken = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    with open(tmp_path / "lock.json") as f:
+        assert json.load(f)["pid"] == os.getpid()
+    taken.release()
