@@ -387,7 +387,7 @@ def test_a_workdir_without_its_config_is_checked_by_its_parameter_tree(trained, 
     os.remove(os.path.join(workdir, "config.json"))  # as a run of an older version left it
     before = snapshot(workdir)
     line = error_line(mode("train", workdir, "--config.model.adapter.num_experts=4"))
-    assert ("checkpoint step 4 params adapter/experts_a: (2, 3, 16, 2) float32 in the "
+    assert ("checkpoint step 4 trained params/adapter/experts_a: (2, 3, 16, 2) float32 in the "
             "checkpoint, (2, 4, 16, 2) float32 now") in line
     assert snapshot(workdir) == before
 
@@ -425,7 +425,7 @@ def restore_params(step_folder):
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(os.path.join(step_folder, "params"))
+        restored = checkpointer.restore(os.path.join(step_folder, "trained"))
     import jax
 
     return {jax.tree_util.keystr(k): np.asarray(v)
@@ -534,11 +534,11 @@ def test_a_disk_without_room_for_the_arrays_is_refused_before_writing(tmp_path, 
 
     checkpointer = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
     tree = {"w": np.zeros((256, 256), np.float32)}
-    checkpointer.save(1, params=tree, train=tree, data={"position": 0})
+    checkpointer.save(1, trained=tree, train=tree, data={"position": 0})
     monkeypatch.setattr(checkpoint.shutil, "disk_usage",
                         lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10**5, 10**5))
     with pytest.raises(checkpoint.CheckpointError) as error:
-        checkpointer.save(2, params=tree, train=tree, data={"position": 1})
+        checkpointer.save(2, trained=tree, train=tree, data={"position": 1})
     assert ("could not write checkpoint for step 2 in "
             f"{tmp_path}/checkpoints: the disk is full (0.1 MB free, the arrays alone need "
             "0.5 MB). The last complete checkpoint (step 1) is untouched.") == str(error.value)

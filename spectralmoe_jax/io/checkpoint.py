@@ -1,10 +1,11 @@
 """Atomic, resumable checkpoints with orbax's CheckpointManager.
 
 A checkpoint holds three items:
-  params  the trainable parameters alone (a plain nested dict, 'adapter/...' and 'head/...'), so
-          that evaluation and prediction restore them without building an optimiser;
-  train   what else a resumed run needs to continue exactly: step, optimiser state, RNG key;
-  data    the input iterator's state (JSON).
+  trained  what evaluation and prediction need, restored without building an optimiser: the
+           trainable parameters (`params`: 'adapter/...', 'head/...') and the statistics they
+           keep (`stats`: BatchNorm running statistics, often none), as plain nested dicts;
+  train    what else a resumed run needs to continue exactly: step, optimiser state, RNG key;
+  data     the input iterator's state (JSON).
 The frozen backbones are not saved: they come from their own files or seed.
 
 orbax writes each step into a temporary directory and renames it when complete, so a run killed
@@ -35,7 +36,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from spectralmoe_jax.errors import UserError
 
-ITEMS = ("params", "train", "data")
+ITEMS = ("trained", "train", "data")
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's temporary step folders: `<step><suffix>...`
 
 
@@ -144,7 +145,7 @@ class Checkpointer:
         )
         # Handlers named per item, so that a step's metadata (shapes, dtypes) is readable
         # without restoring it.
-        handlers = dict(params=ocp.StandardCheckpointHandler(),
+        handlers = dict(trained=ocp.StandardCheckpointHandler(),
                         train=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler())
         self.manager = ocp.CheckpointManager(self.directory, item_handlers=handlers,
                                              options=options)
@@ -158,11 +159,11 @@ class Checkpointer:
     def best_step(self) -> int | None:
         return self.manager.best_step()
 
-    def save(self, step: int, *, params, train, data, metrics: dict | None = None) -> None:
+    def save(self, step: int, *, trained, train, data, metrics: dict | None = None) -> None:
         """Writes one step atomically. A full disk is a `CheckpointError`; older steps remain,
         and the partial step is removed."""
         where = f"could not write checkpoint for step {step} in {self.directory}"
-        needed, free = _nbytes(params) + _nbytes(train), shutil.disk_usage(self.directory).free
+        needed, free = _nbytes(trained) + _nbytes(train), shutil.disk_usage(self.directory).free
         if free < needed:
             raise CheckpointError(
                 f"{where}: the disk is full ({free / 1e6:.1f} MB free, the arrays alone need "
@@ -175,7 +176,7 @@ class Checkpointer:
                 self.manager.save(
                     step,
                     args=ocp.args.Composite(
-                        params=ocp.args.StandardSave(params),
+                        trained=ocp.args.StandardSave(trained),
                         train=ocp.args.StandardSave(train),
                         data=ocp.args.JsonSave(_jsonable(data))),
                     metrics=metrics, force=True)
@@ -208,8 +209,8 @@ class Checkpointer:
         self._orbax_errors.held.clear()
         _ORPHANED_TASKS.held.clear()
 
-    def tree_differences(self, step: int, *, params, train) -> list[str]:
-        """How the saved `params` and `train` items of `step` differ from the trees given
+    def tree_differences(self, step: int, *, trained, train) -> list[str]:
+        """How the saved `trained` and `train` items of `step` differ from the trees given
         (names, shapes, dtypes; read from the checkpoint's metadata, nothing restored)."""
         try:
             metadata = self.manager.item_metadata(step)
@@ -217,7 +218,7 @@ class Checkpointer:
             raise CheckpointError(f"cannot read the metadata of checkpoint step {step} in "
                                   f"{self.directory}: {error}") from error
         found = []
-        for item, tree in (("params", params), ("train", train)):
+        for item, tree in (("trained", trained), ("train", train)):
             saved = metadata[item] if item in metadata else None
             if saved is None:
                 found.append(f"{item}: missing in checkpoint step {step}")
@@ -225,13 +226,14 @@ class Checkpointer:
             found += _leaf_differences(item, _leaves(saved), _leaves(tree))
         return found
 
-    def restore(self, step: int | None = None, *, params, train=None) -> dict | None:
-        """The items of `step` (default: the latest), restored into the abstract trees given
-        (`train=None`: parameters only, for inference); None if there is no checkpoint."""
+    def restore(self, step: int | None = None, *, trained=None, train=None) -> dict | None:
+        """The items of `step` (default: the latest), restored into the trees given (None for
+        `trained`: as saved; `train=None`: the trained item only, for inference); None if there
+        is no checkpoint."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
             return None
-        args = dict(params=ocp.args.StandardRestore(params))
+        args = dict(trained=ocp.args.StandardRestore(trained))
         if train is not None:
             args.update(train=ocp.args.StandardRestore(train), data=ocp.args.JsonRestore())
         try:
@@ -239,7 +241,7 @@ class Checkpointer:
         except Exception as error:  # noqa: BLE001
             raise CheckpointError(
                 f"cannot restore checkpoint step {step} from {self.directory}: {error}") from error
-        out = {"step": step, "params": restored["params"]}
+        out = {"step": step, "trained": restored["trained"]}
         if train is not None:
             out.update(train=restored["train"], data=unpack_data_state(restored["data"]))
         return out

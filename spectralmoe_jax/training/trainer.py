@@ -29,6 +29,12 @@ class NonFiniteLossError(UserError, FloatingPointError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 
 
+def trained_item(state) -> dict:
+    """What evaluation needs of a run: the trained parameters and the statistics they keep, as
+    plain nested dicts (the checkpoint's `trained` item)."""
+    return {"params": nnx.to_pure_dict(state.params), "stats": nnx.to_pure_dict(state.stats)}
+
+
 BAD_TILES_FILE = "bad_tiles.txt"  # tiles skipped with config.data.on_bad_tile='skip'
 
 
@@ -83,12 +89,12 @@ class Training:
                             f"{jax.process_count()} processes")
 
         # --- Model and optimiser -----------------------------------------------------------
-        self.graphdef, params, self.frozen, self.rest = split_model(model)
+        self.graphdef, params, self.frozen, stats = split_model(model)
         self.tx, self.schedule = make_optimizer(tc, params)
-        state = init_train_state(params, self.tx, run.seed)
+        state = init_train_state(params, self.tx, run.seed, stats)
         self.state_sharding = jax.tree.map(lambda _: mesh_lib.replicated(mesh), state)
         template = jax.tree.map(np.asarray, state)
-        template_params = nnx.to_pure_dict(template.params)
+        template_trained = trained_item(template)
         template_train = {"step": template.step, "opt_state": template.opt_state,
                           "rng": template.rng}
 
@@ -98,7 +104,7 @@ class Training:
         try:  # a refusal or bad input below ends the run's hold on the workdir
             latest = self.checkpointer.latest_step()
             if latest is not None:
-                found = self.checkpointer.tree_differences(latest, params=template_params,
+                found = self.checkpointer.tree_differences(latest, trained=template_trained,
                                                            train=template_train)
                 if found:
                     self.checkpointer.close()
@@ -121,12 +127,13 @@ class Training:
                 bad_tile_log=self.bad_tiles.path if self.bad_tiles else None)
 
             # --- Resume --------------------------------------------------------------------------
-            restored = self.checkpointer.restore(params=template_params, train=template_train)
+            restored = self.checkpointer.restore(trained=template_trained, train=template_train)
             if restored is not None:
-                train = restored["train"]
-                params = template.params
-                nnx.replace_by_pure_dict(params, restored["params"])
-                state = state.replace(params=params, step=train["step"],
+                train, trained = restored["train"], restored["trained"]
+                params, stats = template.params, template.stats
+                nnx.replace_by_pure_dict(params, trained["params"])
+                nnx.replace_by_pure_dict(stats, trained["stats"])
+                state = state.replace(params=params, stats=stats, step=train["step"],
                                       opt_state=train["opt_state"], rng=train["rng"])
                 if restored["data"] is not None:
                     self.iterator.set_state(restored["data"])
@@ -152,18 +159,18 @@ class Training:
     # -------------------------------------------------------------------------------------------
     def model(self):
         """The current model (trainable parameters from the state), for evaluation."""
-        return nnx.merge(self.graphdef, self.state.params, self.frozen, self.rest)
+        return nnx.merge(self.graphdef, self.state.params, self.frozen, self.state.stats)
 
     def step(self):
         """One step; returns its metrics as device arrays (not yet fetched)."""
         batch = mesh_lib.global_batch(next(self.iterator), self.mesh)
-        self.state, metrics = self.train_step(self.state, self.frozen, self.rest, batch)
+        self.state, metrics = self.train_step(self.state, self.frozen, batch)
         return metrics
 
     def save(self, metrics: dict | None = None):
         state = self.state
         self.checkpointer.save(
-            int(state.step), params=nnx.to_pure_dict(state.params),
+            int(state.step), trained=trained_item(state),
             train={"step": state.step, "opt_state": state.opt_state, "rng": state.rng},
             data=self.iterator.get_state(), metrics=metrics)
 
