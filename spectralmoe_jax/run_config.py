@@ -103,6 +103,11 @@ class PredictConfig:
     vector: bool = False  # also polygons per class (GeoPackage)
     min_area: float = 0.0  # drop polygons smaller than this (CRS units squared)
 
+    def __post_init__(self):
+        _at_least(self, 1, "window")
+        if not 0 <= self.overlap < self.window:
+            raise ValueError(f"overlap {self.overlap} must be in [0, window={self.window})")
+
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
@@ -110,11 +115,6 @@ class ExportConfig:
     tile_size: int = 512  # the exported tile, pixels a side (a multiple of twice the patch)
     opset: int = 17  # ONNX opset
     resolution_cm: float = 0.0  # Deepness' ground resolution; 0: from the check tile
-
-    def __post_init__(self):
-        _at_least(self, 1, "window")
-        if not 0 <= self.overlap < self.window:
-            raise ValueError(f"overlap {self.overlap} must be in [0, window={self.window})")
 
 
 @dataclasses.dataclass(frozen=True)
