@@ -43,6 +43,7 @@ flags.mark_flags_as_required(["config"])
 
 def fail(message: str) -> None:
     """One line on stderr, exit status 1: what the user must fix, without a traceback."""
+    message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
 
@@ -69,6 +70,13 @@ def main(argv):
         # Bad input (config, data, checkpoints, workdir, a diverged run): the message says what
         # and where; a stack trace would only hide it.
         fail(f"({type(error).__name__}) {error}")
+    except OSError as error:
+        from spectralmoe_jax.errors import environment_message
+
+        message = environment_message(error)
+        if message is None:
+            raise
+        fail(f"({type(error).__name__}) {message}")
 
 
 def parse_flags(argv):

@@ -53,24 +53,43 @@ def _mesh_and_model(run, *, trained=None, require_trained=False):
 
 
 def start_training(run, workdir: str):
-    """A run's `Training`: the data checked, the mesh, the model with its weights, the
-    optimiser and the state resumed from the workdir's checkpoints."""
-    from spectralmoe_jax.data.validate import validate_dataset
-    from spectralmoe_jax.training.trainer import Training
+    """A run's `Training`: the workdir locked, the data checked, the workdir's run compared with
+    this one, the mesh, the model with its weights, the optimiser and the state resumed from the
+    workdir's checkpoints. The caller ends it with `Training.close()`, also after an error."""
+    import jax
 
-    if run.train.validate_data:
-        # Bad input is found before anything is written. A quick check (headers, a sample of
-        # tiles); `--mode validate` reads every pixel.
-        validate_dataset(run.data, read_pixels=False, max_tiles=256)
-    mesh, built = _mesh_and_model(run)
-    return Training(run, workdir, built.model, mesh)
+    from spectralmoe_jax.data.spec import DataError
+    from spectralmoe_jax.data.validate import validate_dataset
+    from spectralmoe_jax.io.workdir import WorkdirLock
+    from spectralmoe_jax.training.trainer import Training, check_workdir_config
+
+    # One trainer per workdir, from before anything is read or written.
+    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+    try:
+        if run.train.validate_data:
+            # Bad input is found before anything is written: every tile's header, and the part
+            # of each file that shows truncation; `--mode validate` reads every pixel.
+            report = validate_dataset(run.data, read_pixels=False, num_threads=8,
+                                      raise_errors=False)
+            if not report.ok:
+                raise DataError(f"{report.one_line()} (found before training; --mode validate "
+                                "lists every problem)")
+        check_workdir_config(run, workdir)
+        mesh, built = _mesh_and_model(run)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return Training(run, workdir, built.model, mesh, lock=lock)
 
 
 def train(run, paths: Paths):
     workdir = paths.need_workdir("train")
     training = start_training(run, workdir)
-    last = training.run(evaluate_fn=_evaluate_in(run, workdir))
-    training.close()
+    try:
+        last = training.run(evaluate_fn=_evaluate_in(run, workdir))
+    finally:
+        training.close()
     print(json.dumps({"final_train": last}, indent=2))
     return training
 
@@ -90,9 +109,15 @@ def _evaluate_in(run, workdir: str, evaluator=None):
 
 def _trained_source(run, paths: Paths) -> str | None:
     """--checkpoint, else `model.checkpoint`, else the workdir's checkpoints."""
+    from spectralmoe_jax.training.trainer import has_checkpoints
+
     if paths.checkpoint or run.model.checkpoint:
-        return paths.checkpoint or run.model.checkpoint
-    if paths.workdir and os.path.isdir(os.path.join(paths.workdir, "checkpoints")):
+        source = paths.checkpoint or run.model.checkpoint
+        if not os.path.exists(source):
+            raise UserError(f"trained weights {source} do not exist (--checkpoint or config "
+                            "model.checkpoint)")
+        return source
+    if paths.workdir and has_checkpoints(paths.workdir):
         return paths.workdir
     return None
 
@@ -100,8 +125,9 @@ def _trained_source(run, paths: Paths) -> str | None:
 def _inference_model(run, paths: Paths, mode: str):
     source = _trained_source(run, paths)
     if source is None and not run.eval.allow_untrained:
-        raise UserError(f"--mode {mode}: no trained weights: give --checkpoint (a run's workdir, "
-                        "a step folder, a converted folder or a released .pth), or "
+        where = f" (workdir {paths.workdir} holds no checkpoint)" if paths.workdir else ""
+        raise UserError(f"--mode {mode}: no trained weights{where}: give --checkpoint (a run's "
+                        "workdir, a step folder, a converted folder or a released .pth), or "
                         "--config.eval.allow_untrained=True to use the untrained model")
     _, built = _mesh_and_model(run, trained=source)
     if source is None:
@@ -136,9 +162,21 @@ def predict(run, paths: Paths):
     if jax.process_count() > 1:
         raise UserError("--mode predict runs in one process: start it without "
                         "--config.distributed")
+    _check_scene(run, paths.input)
     built = _inference_model(run, paths, "predict")
     return predict_paths(built.model, run, paths.input,
                          fresh(paths.output_in("predict", "predictions")))
+
+
+def _check_scene(run, path: str) -> None:
+    """Before the model is built: the input exists and, for one GeoTIFF, holds the bands."""
+    from spectralmoe_jax.data import readers
+
+    if not os.path.exists(path):
+        raise UserError(f"--input {path}: no such file or folder")
+    if os.path.isfile(path) and path.lower().endswith(readers.GEOTIFF_EXTENSIONS):
+        info = readers.raster_info(path, dataclasses.replace(run.data, format="geotiff"))
+        readers.check_band_count(path, info.count, run.data)
 
 
 def export(run, paths: Paths):
@@ -150,10 +188,13 @@ def export(run, paths: Paths):
 
 
 def validate(run, paths: Paths):
+    from spectralmoe_jax.data.spec import DataError
     from spectralmoe_jax.data.validate import validate_dataset
 
-    report = validate_dataset(run.data)
+    report = validate_dataset(run.data, raise_errors=False)
     print(report)
+    if not report.ok:
+        raise DataError(f"{report.one_line()} (all listed above)")
     return report
 
 
@@ -194,17 +235,19 @@ def demo(run, paths: Paths):
 
     workdir = paths.need_workdir("demo")
     training = start_training(run, workdir)
-    evaluator = Evaluator(run)
-    evaluate = _evaluate_in(run, workdir, evaluator)
-    before = None
-    if int(training.state.step) == 0:
-        before = evaluate(training.model(), 0)
-        training.writer.write(0, before, kind="eval")
-    training.run(evaluate_fn=evaluate)
-    model, step = training.model(), int(training.state.step)
-    after = evaluate(model, step, report=run.eval.report)
-    training.writer.write(step, after, kind="eval")
-    training.close()
+    try:
+        evaluator = Evaluator(run)
+        evaluate = _evaluate_in(run, workdir, evaluator)
+        before = None
+        if int(training.state.step) == 0:
+            before = evaluate(training.model(), 0)
+            training.writer.write(0, before, kind="eval")
+        training.run(evaluate_fn=evaluate)
+        model, step = training.model(), int(training.state.step)
+        after = evaluate(model, step, report=run.eval.report)
+        training.writer.write(step, after, kind="eval")
+    finally:
+        training.close()
     source = evaluator.source
     tiles = [path for path in map(source.path, range(len(source))) if os.path.isfile(path)]
     predict_paths(model, run, tiles, os.path.join(workdir, "predictions"))

@@ -59,6 +59,17 @@ class TrainConfig:
     keep_checkpoints: int = 3  # latest checkpoints kept (plus the best by mIoU)
     validate_data: bool = True  # check every tile's header before the first step
     tensorboard: bool = True  # TensorBoard event files beside metrics.jsonl
+    # A workdir holding a different run (another model, data or loss: `RunConfig.identity`, or
+    # another parameter tree) is refused; with restart=True that run is moved into
+    # workdir/previous_run and this one starts from step 0. A workdir holding this same run
+    # resumes either way (a relaunched job loses nothing).
+    restart: bool = False
+
+    def __post_init__(self):
+        _at_least(self, 1, "batch_size", "num_steps", "grad_accum_steps", "log_every",
+                  "checkpoint_every", "keep_checkpoints")
+        _at_least(self, 0, "eval_every", "warmup_steps", "learning_rate", "weight_decay",
+                  "clip_grad_norm", "end_learning_rate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +83,13 @@ class EvalConfig:
     report: bool = True  # HTML report with panels and routing maps (eval mode)
     allow_untrained: bool = False  # eval / predict without trained weights (random adapter, head)
 
+    def __post_init__(self):
+        _one_of(self, "mode", ("whole", "slide"))
+        _at_least(self, 1, "window", "stride", "batch_size")
+        if self.mode == "slide" and self.stride > self.window:
+            raise ValueError(f"stride {self.stride} > window {self.window} would leave pixels "
+                             "uncovered")
+
 
 @dataclasses.dataclass(frozen=True)
 class PredictConfig:
@@ -84,6 +102,11 @@ class PredictConfig:
     probability_dtype: str = "uint8"  # probability bands: 'uint8' (255 p) or 'float16'
     vector: bool = False  # also polygons per class (GeoPackage)
     min_area: float = 0.0  # drop polygons smaller than this (CRS units squared)
+
+    def __post_init__(self):
+        _at_least(self, 1, "window")
+        if not 0 <= self.overlap < self.window:
+            raise ValueError(f"overlap {self.overlap} must be in [0, window={self.window})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +134,25 @@ class WeightsConfig:
     checkpoint_scheme: str = "auto"  # naming scheme (conversion/vit.py SCHEMES) or 'auto'
     checkpoint_prefix: str = ""  # sub-model prefix inside a larger checkpoint, e.g. 'backbone.'
     stem: str = "cyclic"  # RGB kernel to C bands: 'cyclic' (released) or 'timm' (repeat, rescale)
+
+    def __post_init__(self):
+        from spectralmoe_jax.conversion.vit import SCHEMES
+
+        _one_of(self, "stem", ("cyclic", "timm"))
+        _one_of(self, "checkpoint_scheme", ("auto", *SCHEMES))
+
+
+def _at_least(config, low, *names: str) -> None:
+    """A ValueError naming the field (run_config._build makes it a ConfigError)."""
+    for name in names:
+        value = getattr(config, name)
+        if not value >= low:  # also catches NaN
+            raise ValueError(f"{name}={value!r} must be >= {low}")
+
+
+def _one_of(config, name: str, choices) -> None:
+    if getattr(config, name) not in choices:
+        raise ValueError(f"{name}={getattr(config, name)!r} must be one of {tuple(choices)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +237,56 @@ class RunConfig:
     mesh: MeshConfig
     export: ExportConfig
     source: Any  # the ConfigDict it was parsed from (saved with a run, printed by --mode config)
+
+    def to_json(self) -> dict:
+        """Every field of the source config as plain JSON values (workdir/config.json)."""
+        return as_json(self.source)
+
+    def identity(self) -> dict:
+        """What makes two runs the same run: `run_identity` of this config."""
+        return run_identity(self.to_json())
+
+
+# Config fields that say where the files are or how the run goes, not which run it is: a
+# workdir resumes with other values of these, and of every train / eval / predict / mesh field
+# (a longer schedule, a lower learning rate after a NaN stop, another device count).
+NOT_IDENTITY = {
+    "data": ("root", "tfds_data_dir", "num_workers", "value_range", "on_bad_tile"),
+    "model": ("convert_target",),
+    "model.vfm.overrides": ("attention", "remat"),
+    "model.depth.overrides": ("attention", "remat"),
+}
+# Weight files are compared by file name: a moved file is the same file.
+WEIGHT_FILES = ("model.checkpoint", "model.vfm.checkpoint", "model.depth.checkpoint")
+
+
+def as_json(config) -> dict:
+    import json
+
+    return json.loads(json.dumps(_plain(config) if config is not None else {}, default=str))
+
+
+def run_identity(config: Mapping) -> dict:
+    """The run-defining part of a config (as JSON, `RunConfig.to_json`): seed, model, loss and
+    data, without `NOT_IDENTITY` and with weight files by name. A resumed workdir must match."""
+    import copy
+    import os
+
+    out = {key: copy.deepcopy(config.get(key)) for key in ("seed", "model", "loss", "data")}
+    for where, keys in NOT_IDENTITY.items():
+        node = out
+        for part in where.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        for key in keys if isinstance(node, dict) else ():
+            node.pop(key, None)
+    for where in WEIGHT_FILES:
+        *parents, key = where.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(key):
+            node[key] = os.path.basename(os.path.normpath(str(node[key])))
+    return out
 
 
 # --- parsing -----------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def _data(**fields) -> ml_collections.ConfigDict:
     defaults = dict(format="geotiff", dtype="uint8", value_scale=1.0, nodata=None,
                     ignore_index=IGNORE, crop_size=(512, 512), array_layout="HWC",
                     hdf5_image_key="image", hdf5_label_key="label", tfds_data_dir="",
-                    num_workers=0, wavelengths=None, rgb_bands=None)
+                    num_workers=0, wavelengths=None, rgb_bands=None, on_bad_tile="error")
     return ml_collections.ConfigDict({**defaults, **fields})
 
 

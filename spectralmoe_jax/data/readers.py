@@ -3,6 +3,11 @@
 Images come back as the selected bands `[H, W, C]` in the file's own dtype (scaling happens in
 `sources.py`), with a boolean nodata mask or None; labels as the raw single-band code map.
 Every failure is a `DataError` naming the file.
+
+A header read (`raster_info`) also finds truncated files without decoding pixels: a GeoTIFF
+whose blocks, as its header locates them, end past the end of the file (GDAL's block offsets
+and sizes); a PNG whose chunks stop early (`probe=True`); .npy and HDF5 files, whose headers
+state their size, fail to open.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ class RasterInfo:
     count: int
     dtype: str
     nodata: float | None = None
+    crs: str | None = None  # a GeoTIFF's CRS as WKT (None: not georeferenced)
+    transform: tuple[float, ...] | None = None  # its pixel -> CRS affine (a, b, c, d, e, f)
 
 
 def _kind(path: str, image_format: str | None = None) -> str:
@@ -59,17 +66,34 @@ def _to_hwc(array: np.ndarray, layout: str, path: str) -> np.ndarray:
 
 # --- headers ------------------------------------------------------------------------------
 
-def raster_info(path: str, spec: DatasetSpec, *, label: bool = False) -> RasterInfo:
-    """Header of an image (`label=False`, read as `config.data.format`) or a label file."""
+def raster_info(path: str, spec: DatasetSpec, *, label: bool = False,
+                probe: bool = False) -> RasterInfo:
+    """Header of an image (`label=False`, read as `config.data.format`) or a label file.
+
+    probe: also decode the cheap part that shows a truncated file where the header cannot
+    (a PNG's chunks; a GeoTIFF's last block when GDAL does not locate its blocks).
+    """
     kind = _kind(path, None if label else spec.format)
     key = spec.hdf5_label_key if label else spec.hdf5_image_key
     try:
         if kind == "geotiff":
             import rasterio
             with rasterio.open(path) as src:
-                return RasterInfo(src.height, src.width, src.count, src.dtypes[0], src.nodata)
+                _check_geotiff_extent(src, path, probe)
+                crs = src.crs.to_wkt() if src.crs else None
+                transform = tuple(src.transform)[:6]
+                if crs is None and src.transform.is_identity:
+                    transform = None
+                return RasterInfo(src.height, src.width, src.count, src.dtypes[0], src.nodata,
+                                  crs, transform)
         if kind == "image":
             from PIL import Image
+            if probe:
+                with Image.open(path) as img:
+                    if img.format == "PNG":
+                        img.verify()  # reads every chunk and its checksum, decodes nothing
+                    else:
+                        img.load()
             with Image.open(path) as img:
                 bands = len(img.getbands())
                 dtype = {"I;16": "uint16", "I": "int32", "F": "float32"}.get(img.mode, "uint8")
@@ -93,6 +117,33 @@ def raster_info(path: str, spec: DatasetSpec, *, label: bool = False) -> RasterI
         raise DataError(f"{path}: array of shape {shape} is not an image (2 or 3 axes)")
     h, w, c = (shape[1], shape[2], shape[0]) if spec.array_layout == "CHW" else shape
     return RasterInfo(h, w, c, str(dtype))
+
+
+# Beyond this many blocks, only each band's last block is located (huge striped scenes).
+_MAX_BLOCKS_LOCATED = 4096
+
+
+def _check_geotiff_extent(src, path: str, probe: bool) -> None:
+    """A `DataError` when the pixel data the header locates runs past the end of the file."""
+    ends = []
+    for band in range(1, src.count + 1):
+        block_h, block_w = src.block_shapes[band - 1]
+        rows, cols = -(-src.height // block_h), -(-src.width // block_w)
+        blocks = [(x, y) for y in range(rows) for x in range(cols)]
+        if src.count * len(blocks) > _MAX_BLOCKS_LOCATED:
+            blocks = blocks[-1:]
+        for x, y in blocks:
+            offset = src.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=band)
+            size = src.get_tag_item(f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=band)
+            if offset is None or size is None:  # not a file GDAL reads as TIFF blocks
+                if probe:
+                    src.read(window=src.block_window(1, rows - 1, cols - 1))
+                return
+            ends.append(int(offset) + int(size))
+    file_size = os.path.getsize(path)
+    if ends and max(ends) > file_size:
+        raise DataError(f"{path}: truncated file: {file_size} bytes, but its pixel data runs to "
+                        f"byte {max(ends)} (an interrupted copy or download?)")
 
 
 def check_band_count(path: str, count: int, spec: DatasetSpec) -> None:

@@ -34,6 +34,10 @@ fields:
   tfds_data_dir          '' reads the files; a folder reads the ArrayRecord shards written
                          by `data/tfds_builders.py` (the fast path)
   num_workers            grain worker processes for training (0: threads in this process)
+  on_bad_tile            a tile that cannot be used when the pipeline reads it (unreadable,
+                         label values outside the classes): 'error' stops the run naming the
+                         file; 'skip' logs it (`workdir/bad_tiles.txt` in training, counted in
+                         the metrics) and uses the next good tile in its place
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ FIELDS = ("name", "format", "root", "layout", "splits", "band_names", "bands", "
           "rgb_bands", "dtype", "value_scale", "value_range", "nodata", "num_classes",
           "class_names", "palette", "ignore_index", "label_map", "mean", "std", "crop_size",
           "augment", "array_layout", "hdf5_image_key", "hdf5_label_key", "tfds_data_dir",
-          "num_workers")
+          "num_workers", "on_bad_tile")
+BAD_TILE_POLICIES = ("error", "skip")
 LAYOUT_FIELDS = ("label_pattern", "label_replace", "domain_pattern")
 SPLIT_FIELDS = ("glob", "domains")
 
@@ -140,6 +145,7 @@ class DatasetSpec:
     tfds_data_dir: str
     num_workers: int = 0                 # grain worker processes for training
     value_range: tuple[float, float] | None = None  # raw value range of float images (stats)
+    on_bad_tile: str = "error"           # 'error' | 'skip' (see the module docstring)
 
     @property
     def num_bands(self) -> int:
@@ -154,6 +160,27 @@ class DatasetSpec:
         inside = (out >= 0) & (out < len(lut))
         out[inside] = lut[out[inside]]
         return out
+
+    def bad_label_values(self, labels: np.ndarray) -> np.ndarray:
+        """The train ids in `labels` (after `remap_labels`) that are neither a class nor the
+        ignore index, sorted; empty for a good map. Two comparisons per pixel in the common
+        case, cheap enough to run on every tile the pipeline reads."""
+        bad = (labels >= self.num_classes) | (labels < 0)
+        if not 0 <= self.ignore_index < self.num_classes:
+            bad &= labels != self.ignore_index
+        if not bad.any():
+            return np.zeros((0,), labels.dtype)
+        return np.unique(labels[bad])
+
+    def check_labels(self, labels: np.ndarray, path: str) -> None:
+        """A `DataError` naming `path` and the values when `labels` holds codes outside the
+        classes and the ignore index."""
+        bad = self.bad_label_values(labels)
+        if bad.size:
+            raise DataError(
+                f"{path}: label values {bad[:20].tolist()} are outside the classes "
+                f"0..{self.num_classes - 1} and ignore {self.ignore_index} after "
+                "config.data.label_map")
 
 
 def _get(config, key, default=None):
@@ -341,6 +368,16 @@ def dataset_spec(config: Any) -> DatasetSpec:
     crop = _get(config, "crop_size", (512, 512))
     crop = (int(crop), int(crop)) if np.isscalar(crop) else tuple(int(c) for c in crop)
     nodata = _get(config, "nodata")
+    value_range = _get(config, "value_range")
+    if value_range is not None:
+        value_range = tuple(float(v) for v in value_range)
+        if len(value_range) != 2 or not value_range[1] > value_range[0]:
+            raise DataError(f"config.data.value_range {list(value_range)} must be (low, high) "
+                            "with high > low")
+    on_bad_tile = str(_get(config, "on_bad_tile", "error"))
+    if on_bad_tile not in BAD_TILE_POLICIES:
+        raise DataError(f"config.data.on_bad_tile {on_bad_tile!r} must be one of "
+                        f"{BAD_TILE_POLICIES}")
 
     return DatasetSpec(
         name=str(config.name),
@@ -372,6 +409,6 @@ def dataset_spec(config: Any) -> DatasetSpec:
         hdf5_label_key=_get(config, "hdf5_label_key", "label"),
         tfds_data_dir=_get(config, "tfds_data_dir", ""),
         num_workers=int(_get(config, "num_workers", 0)),
-        value_range=None if _get(config, "value_range") is None
-        else tuple(float(v) for v in _get(config, "value_range")),
+        value_range=value_range,
+        on_bad_tile=on_bad_tile,
     )
