@@ -116,8 +116,9 @@ def mesh_shape(mesh_config, device_count: int) -> dict[str, int]:
                                 f"{device_count} devices")
         shape[free[0]] = device_count // known
     if math.prod(shape.values()) != device_count:
-        raise ShardingError(f"config mesh {shape} uses {math.prod(shape.values())} devices; "
-                            f"there are {device_count}")
+        given = ", ".join(f"mesh.{a}={getattr(mesh_config, a)}" for a in chosen.axes)
+        raise ShardingError(f"config {given} (strategy {mesh_config.strategy!r}) uses "
+                            f"{math.prod(shape.values())} devices; there are {device_count} devices")
     return shape
 
 
