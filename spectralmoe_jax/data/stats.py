@@ -179,3 +179,11 @@ def dataset_stats(spec, split: str = "source", value_range: tuple[float, float] 
                    else {"image": raw["image"], "valid": ~raw["nodata"]})
 
     return compute_band_stats(examples(), value_range=value_range, bins=bins)
+
+
+def command_line_flags(stats: Mapping, prefix: str = "config.data.") -> str:
+    """The mean and std as flags for the entry point's command line."""
+    def fmt(values):
+        return "'(" + ", ".join(f"{v:.6g}" for v in values) + ")'"
+
+    return f"--{prefix}mean={fmt(stats['mean'])} --{prefix}std={fmt(stats['std'])}"
