@@ -35,12 +35,12 @@ Hook = Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
     family: str = "dinov2"  # 'dinov2' | 'dinov3' | 'dofa' (wavelength-conditioned patch embedding)
-    patch_size: int = 14
-    in_channels: int = 3
-    width: int = 1024
-    depth: int = 24
-    num_heads: int = 16
-    mlp_dim: int = 4096
+    patch_size: int = 14  # pixels per patch side
+    in_channels: int = 3  # input bands
+    width: int = 1024  # token width d
+    depth: int = 24  # blocks
+    num_heads: int = 16  # attention heads
+    mlp_dim: int = 4096  # hidden width of the MLP
     ffn: str = "mlp"  # 'mlp' (exact GELU) | 'swiglu'
     num_register_tokens: int = 0  # DINOv2 registers, DINOv3 storage tokens
     position: str = "learned"  # 'learned' | 'rope' | 'sincos'
@@ -54,14 +54,14 @@ class ViTConfig:
     # (`conversion.vit.implied_settings`); a value set here wins. Left None without weights, the
     # table is resized to the output size without antialias.
     pos_interp_offset: float | None = None
-    pos_interp_antialias: bool | None = None
-    rope_base: float = 100.0
-    layerscale: bool = True
-    norm_eps: float = 1e-6
-    qkv_bias: bool = True
+    pos_interp_antialias: bool | None = None  # antialias in that resize; None: as the weights imply
+    rope_base: float = 100.0  # RoPE frequency base (DINOv3)
+    layerscale: bool = True  # learned per-channel scale on each residual branch
+    norm_eps: float = 1e-6  # LayerNorm epsilon
+    qkv_bias: bool = True  # bias in the query / key / value projection
     mask_k_bias: bool = False  # DINOv3: the key part of the qkv bias is multiplied by 0
-    final_norm: bool = True
-    dofa_wv_planes: int = 128
+    final_norm: bool = True  # LayerNorm after the last block (`normed` output)
+    dofa_wv_planes: int = 128  # DOFA: width of the wavelength embedding
     attention: str | None = "auto"  # 'auto' (cuDNN for bf16 on GPU, else XLA), 'xla', 'cudnn', 'pallas'
     dtype: str = "float32"  # compute dtype
     # Backward-pass memory of the scanned blocks (with the hook): 'none' keeps every residual,
