@@ -13,8 +13,8 @@ import ml_collections
 from spectralmoe_jax.models.mask2former import Mask2FormerConfig
 from spectralmoe_jax.models.spectral_moe import AdapterConfig
 from spectralmoe_jax.models.vit import PRESETS, ViTConfig
-from spectralmoe_jax.run_config import (EvalConfig, LossConfig, MeshConfig, PredictConfig,
-                                        TrainConfig, WeightsConfig, section_config)
+from spectralmoe_jax.run_config import (EvalConfig, ExportConfig, LossConfig, MeshConfig,
+                                        PredictConfig, TrainConfig, WeightsConfig, section_config)
 
 # Fields the run derives from other sections unless a config sets them.
 ADAPTER_DERIVED = ("num_layers", "width", "dtype")  # from the VFM and model.dtype
@@ -76,6 +76,9 @@ def base_config(data: ml_collections.ConfigDict, *, num_steps: int,
         wavelengths=ml_collections.config_dict.placeholder(tuple),
         checkpoint="",          # trained adapter + head: released .pth or `--mode convert` output
         convert_target="vfm",   # `--mode convert` of a foundation-model file: 'vfm' or 'depth'
+        neck="resize",          # 'clip_fpn': the released CLIP wrapper's trained pyramid
+        # VFM blocks followed by the adapter; None: every block (the SAM wrapper: its global ones)
+        adapter_layers=ml_collections.config_dict.placeholder(tuple),
     ))
     config.loss = section_config(LossConfig)
     every = max(num_steps // 10, 1)
@@ -83,6 +86,7 @@ def base_config(data: ml_collections.ConfigDict, *, num_steps: int,
                                   eval_every=every)
     config.eval = section_config(EvalConfig)
     config.predict = section_config(PredictConfig)
+    config.export = section_config(ExportConfig)
     config.mesh = section_config(MeshConfig)
     return config
 

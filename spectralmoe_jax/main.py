@@ -8,7 +8,9 @@ r"""The one entry point.
 Modes:
   train     train (resuming from the workdir's last checkpoint), evaluating every eval_every steps
   eval      evaluate trained weights (--checkpoint, else the workdir's) on the target domains
-  predict   label maps for --input (GeoTIFF scenes or a folder), georeferenced, + colour PNGs
+  predict   label maps for --input (GeoTIFF / PNG scenes or a folder) in the dataset's codes,
+            with QGIS style, legend, colour preview; optional probabilities and polygons
+  export    the model as ONNX (QGIS Deepness, onnxruntime) and jax.export, checked on a tile
   validate  check the dataset against the config (bands, labels, sizes, corrupt files)
   summary   parameter counts by part and module, total and trainable -> workdir/summary.json
   convert   PyTorch checkpoint (--input) -> a converted folder (--output, default workdir/converted)
@@ -31,7 +33,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "eval", "predict", "validate", "summary", "convert", "stats", "config", "demo")
+MODES = ("train", "eval", "predict", "export", "validate", "summary", "convert", "stats",
+         "config", "demo")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, configs/NAME.py[:VARIANT] (variants above; "
@@ -39,10 +42,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's folder: checkpoints, metrics, outputs.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 _INPUT = flags.DEFINE_string("input", None, "predict: a GeoTIFF or a folder; convert: a PyTorch file.")
-_OUTPUT = flags.DEFINE_string("output", None, "eval / predict / convert: where to write "
-                              "(default: inside the workdir; an existing folder is never reused).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "eval / predict: trained weights: a run's "
-                                  "workdir or step folder, a converted folder, a released .pth.")
+_OUTPUT = flags.DEFINE_string("output", None, "eval / predict / export / convert: where to "
+                              "write (default: inside the workdir; an existing folder is never "
+                              "reused).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "eval / predict / export: trained weights: "
+                                  "a run's workdir or step folder, a converted folder, a released "
+                                  ".pth.")
 _COMPILE_CACHE = flags.DEFINE_string(
     "compile_cache", None, "Folder of the persistent XLA compilation cache (default: "
     "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/spectralmoe_jax/xla); 'off' to compile anew.")

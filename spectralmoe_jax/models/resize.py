@@ -1,16 +1,18 @@
 """Resampling of weight arrays exactly as PyTorch does it, and multispectral stem adaptation.
 
-`torch.nn.functional.interpolate(mode='bicubic', align_corners=False)` is separable, so each axis
-is one [out, in] matrix. Two kernels exist and are not the same as `jax.image.resize`:
+`torch.nn.functional.interpolate(mode='bicubic' | 'bilinear' | 'linear', align_corners=False)` is
+separable, so each axis is one [out, in] matrix. The linear kernel (no antialias) takes the source
+coordinate (i + 0.5) * scale - 0.5, clamped at 0, and its two neighbours. Two bicubic kernels
+exist and are not the same as `jax.image.resize`:
 - antialias=False: Keys cubic convolution with a = -0.75, source coordinate
   (i + 0.5) * scale - 0.5, out-of-range taps clamped to the border;
 - antialias=True (PIL-style): cubic with a = -0.5, support widened by the scale when
   downsampling, taps outside the input dropped and the weights renormalised.
 `scale` is in/out, or 1/scale_factor when a scale factor is given (DINOv2's 0.1 offset).
 
-Used by the ViT at trace time (position embedding to the input grid) and by the converters
-(patch kernel 14 -> 16, position embedding to the target grid, as the released
-SpectralMoE `tools/convert_models` do).
+Used by the ViT at trace time (position embedding to the input grid; SAM's relative position
+tables to the attention grid) and by the converters (patch kernel 14 -> 16, position embedding to
+the target grid, as the released SpectralMoE `tools/convert_models` and backbone wrappers do).
 """
 
 from __future__ import annotations
@@ -54,6 +56,33 @@ def bicubic_matrix(n_in: int, n_out: int, *, scale_factor: float | None = None,
     return matrix
 
 
+def linear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] float64 matrix of torch's (bi)linear interpolation along one axis
+    (align_corners=False, no antialias): what 'bilinear' does per axis and 'linear' in 1-D."""
+    scale = n_in / n_out
+    source = np.maximum(scale * (np.arange(n_out) + 0.5) - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(int), n_in - 1)
+    high = np.minimum(low + 1, n_in - 1)
+    weight = source - low
+    matrix = np.zeros((n_out, n_in))
+    rows = np.arange(n_out)
+    np.add.at(matrix, (rows, low), 1.0 - weight)
+    np.add.at(matrix, (rows, high), weight)
+    return matrix
+
+
+def interpolation_matrix(n_in: int, n_out: int, mode: str = "bicubic", *,
+                         scale_factor: float | None = None, antialias: bool = False) -> np.ndarray:
+    """[n_out, n_in] matrix of torch `interpolate` along one axis: 'bicubic' or 'bilinear'."""
+    if mode == "bicubic":
+        return bicubic_matrix(n_in, n_out, scale_factor=scale_factor, antialias=antialias)
+    if mode == "bilinear":
+        if scale_factor or antialias:
+            raise ValueError("bilinear interpolation takes no scale factor or antialias here")
+        return linear_matrix(n_in, n_out)
+    raise ValueError(f"interpolation mode {mode!r}: expected 'bicubic' or 'bilinear'")
+
+
 def resize_bicubic(x: np.ndarray, size: tuple[int, int], *, axes: tuple[int, int] = (0, 1),
                    scale_factor: tuple[float, float] | None = None,
                    antialias: bool = False) -> np.ndarray:
@@ -71,8 +100,10 @@ def resize_patch_kernel(kernel: np.ndarray, patch_size: int) -> np.ndarray:
 
 
 def resize_pos_embed(pos_embed: np.ndarray, grid: tuple[int, int], *, num_prefix: int = 1,
-                     source_grid: tuple[int, int] | None = None) -> np.ndarray:
-    """[P + h*w, D] position table: the patch part resized to `grid`, prefix rows kept."""
+                     source_grid: tuple[int, int] | None = None,
+                     mode: str = "bicubic") -> np.ndarray:
+    """[P + h*w, D] position table: the patch part resized to `grid` ('bicubic', or 'bilinear'
+    as the released CLIP wrapper's `init_weights`), prefix rows kept."""
     prefix, patches = pos_embed[:num_prefix], pos_embed[num_prefix:]
     if source_grid is None:
         side = math.isqrt(patches.shape[0])
@@ -80,9 +111,12 @@ def resize_pos_embed(pos_embed: np.ndarray, grid: tuple[int, int], *, num_prefix
             raise ValueError(f"position table of {patches.shape[0]} patches is not square; "
                              "pass source_grid")
         source_grid = (side, side)
-    patches = patches.reshape(*source_grid, -1)
-    patches = resize_bicubic(patches, grid, axes=(0, 1))
-    return np.concatenate([prefix, patches.reshape(-1, patches.shape[-1])], axis=0)
+    out = patches.reshape(*source_grid, -1).astype(np.float64)
+    for axis, (n_in, n_out) in enumerate(zip(source_grid, grid)):
+        matrix = interpolation_matrix(n_in, n_out, mode)
+        out = np.moveaxis(np.tensordot(matrix, np.moveaxis(out, axis, 0), axes=1), 0, axis)
+    out = out.astype(pos_embed.dtype).reshape(-1, patches.shape[-1])
+    return np.concatenate([prefix, out], axis=0)
 
 
 def adapt_stem_cyclic(kernel: np.ndarray, in_channels: int) -> np.ndarray:

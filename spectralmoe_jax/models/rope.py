@@ -1,10 +1,17 @@
-"""DINOv3's axial 2-D rotary position embedding, evaluation mode.
+"""Axial 2-D rotary position embeddings, evaluation mode: DINOv3's and EVA02's.
 
-As facebookresearch/dinov3 `layers/rope_position_encoding.py` (normalize_coords='separate') and
-HF `DINOv3ViTRopePositionEmbedding`: patch-centre coordinates normalised to [-1, 1] per axis,
-periods base^(4j / Dh) for j < Dh/4, angles 2 pi coord / period for (y, x) laid out as
-[y freqs, x freqs] and tiled twice; no coordinate shift, jitter or rescale (those are training
-augmentations). Everything is evaluated in float32, and rotation is applied to patch tokens only.
+'dinov3', as facebookresearch/dinov3 `layers/rope_position_encoding.py` (normalize_coords=
+'separate') and HF `DINOv3ViTRopePositionEmbedding`: patch-centre coordinates normalised to
+[-1, 1] per axis, periods base^(4j / Dh) for j < Dh/4, angles 2 pi coord / period for (y, x) laid
+out as [y freqs, x freqs] and tiled twice, rotated in halves; no coordinate shift, jitter or
+rescale (those are training augmentations).
+
+'eva', as EVA02's `VisionRotaryEmbeddingFast` (the released SpectralMoE `eva_02.py`) and timm's
+`RotaryEmbeddingCat` (ref_feat_shape): coordinates are the patch indices scaled to the
+pretraining grid, t = i / n * n_ref, frequencies theta^(-j / (Dh/4)) for j < Dh/4, each repeated
+twice ([f0, f0, f1, f1, ...]), [y half | x half], rotated in interleaved pairs.
+
+Everything is evaluated in float32, and rotation is applied to patch tokens only.
 """
 
 from __future__ import annotations
@@ -33,18 +40,47 @@ def rope_sincos(grid: tuple[int, int], head_dim: int, base: float = 100.0):
     return np.sin(angles), np.cos(angles)
 
 
+def eva_rope_sincos(grid: tuple[int, int], head_dim: int, theta: float = 10000.0,
+                    ref_grid: tuple[int, int] | None = None):
+    """(sin, cos), each [h * w, Dh] float32, of EVA02's rotary embedding on an h x w grid."""
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    bands = (np.float32(1.0) / np.float32(theta) ** (
+        np.arange(quarter, dtype=np.float32) / np.float32(quarter))).astype(np.float32)
+    ref_grid = ref_grid or grid
+
+    def axis(n, ref):  # [n, Dh / 2]: t * bands, every frequency twice
+        t = np.arange(n, dtype=np.float32) / np.float32(n) * np.float32(ref)
+        return np.repeat(t[:, None] * bands[None, :], 2, axis=1)
+
+    h, w = grid
+    rows = np.broadcast_to(axis(h, ref_grid[0])[:, None, :], (h, w, 2 * quarter))
+    cols = np.broadcast_to(axis(w, ref_grid[1])[None, :, :], (h, w, 2 * quarter))
+    angles = np.concatenate([rows, cols], axis=-1).reshape(h * w, head_dim)
+    return np.sin(angles), np.cos(angles)
+
+
 def _rotate_half(x):
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x, sin, cos, num_prefix: int):
+def _rotate_pairs(x):
+    """[x0, x1, x2, x3, ...] -> [-x1, x0, -x3, x2, ...] (EVA / timm `rot`)."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    return jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+
+
+def apply_rope(x, sin, cos, num_prefix: int, interleaved: bool = False):
     """Rotates the patch tokens of x [B, N, H, Dh]; the first `num_prefix` tokens pass unchanged.
 
-    The rotation runs in float32 (the original casts q and k to the RoPE dtype, fp32).
+    `interleaved` rotates pairs (EVA02) instead of halves (DINOv3). The rotation runs in float32
+    (the originals cast q and k to the RoPE dtype, fp32).
     """
     prefix, patches = x[:, :num_prefix], x[:, num_prefix:].astype(jnp.float32)
     sin = jnp.asarray(sin)[None, :, None, :]
     cos = jnp.asarray(cos)[None, :, None, :]
-    patches = patches * cos + _rotate_half(patches) * sin
+    rotate = _rotate_pairs if interleaved else _rotate_half
+    patches = patches * cos + rotate(patches) * sin
     return jnp.concatenate([prefix, patches.astype(x.dtype)], axis=1)
