@@ -141,7 +141,8 @@ def variant_kinds() -> list[tuple[str, str]]:
     return [("methods", f"{', '.join(METHODS)} (the paper's Table 4)"),
             ("sizes", f"{', '.join(SIZES)}: the VFM and the depth encoder at ViT-S / B / L "
                       "width, depth, heads and MLP"),
-            ("presets", f"a ViT preset as the VFM: {', '.join(sorted(PRESETS))}")]
+            ("presets", "a ViT preset as the VFM, the depth encoder at its size: "
+                        f"{', '.join(sorted(PRESETS))}")]
 
 
 def variant_help(indent: str = "") -> str:
