@@ -143,8 +143,8 @@ def test_onnx_scheme_is_detected_and_its_pieces_checked(state):
         convert_state_dict(extra, config)
     small = onnx_config(state, depth=6)
     model = nnx.eval_shape(lambda: VisionTransformer(small, rngs=nnx.Rngs(0)))
-    with pytest.raises(ConversionError, match=r"blocks/attn/qkv/kernel: checkpoint "
-                                              r"\(12, 384, 1152\) vs model \(6, 384, 1152\)"):
+    # A 12-layer checkpoint into a 6-layer model: the layers with no home are named.
+    with pytest.raises(ConversionError, match=r"unexpected key.*encoder\.layer\.\{6\.\.11\}"):
         load_into_module(model, convert_state_dict(state, small))
 
 

@@ -203,3 +203,30 @@ def test_scene_reader_names_the_file_and_the_problem(folder):
                        band_names=("R", "G", "B", "NIR", "elevation"))
     with pytest.raises(DataError, match="band name 'SWIR' is not one of config.data.band_names"):
         SceneReader(str(folder / "D004_2021_IMG_000687_aerial.tif"), named)
+
+
+def test_routing_maps_are_the_models_top1_experts_georeferenced(model_and_run, tmp_path):
+    """predict.routing_maps: one band per block at patch resolution, each window's patches the
+    model's own top-1 experts (`aux['expert_v']`), on the scene's grid scaled by the patch."""
+    from affine import Affine
+
+    from spectralmoe_jax.evaluation.runner import routing_maps
+
+    model, run = model_and_run
+    scene = crop_tile(os.path.join(benchmarks.DEMO_ROOT, "D004_2021_IMG_000473_aerial.tif"),
+                      tmp_path / "scene_aerial.tif")
+    predict_paths(model, with_predict(run, routing_maps=True), scene, str(tmp_path / "out"))
+    patch, blocks = model.vfm.config.patch_size, model.vfm.config.depth
+    with rasterio.open(tmp_path / "out" / "scene_aerial_pred_experts.tif") as src, \
+            rasterio.open(scene) as image:
+        maps = src.read()
+        assert maps.shape == (blocks, SIZE // patch, SIZE // patch)
+        assert src.crs == image.crs and src.transform == image.transform * Affine.scale(patch)
+    assert maps.max() < model.adapter.config.num_experts
+    # The scene (96 px) fits one window (128): the maps are the model's on the whole image.
+    reader_input = SceneInput.from_spec(run.data)
+    with rasterio.open(scene) as image:
+        raw = np.moveaxis(image.read([1, 2, 3, 4]).astype(np.float32), 0, -1)
+    normalised = (raw / reader_input.value_scale - np.asarray(reader_input.mean)) / np.asarray(
+        reader_input.std)
+    np.testing.assert_array_equal(maps, routing_maps(model, normalised.astype(np.float32)))

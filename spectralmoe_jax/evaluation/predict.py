@@ -10,6 +10,9 @@ For each input scene `<stem>` (a GeoTIFF, or a PNG / JPEG tile), in the output f
   <stem>_pred_probabilities.tif   per-class probabilities (`predict.probabilities`), a
                              compressed uint8-scaled or float16 COG (`probability_dtype`)
   <stem>_pred.gpkg           polygons per class (`predict.vector`, `min_area`)
+  <stem>_pred_experts.tif    the adapter's top-1 expert of every patch after every block
+                             (`predict.routing_maps`), one uint8 band per block at patch
+                             resolution, georeferenced (a PNG input: `_pred_experts.tif` without)
 
 A folder is read as the config's layout describes it (`data/layout.py`): the images its split
 globs list (else the folder's files of the configured format), never the labels those images
@@ -33,9 +36,10 @@ from spectralmoe_jax.evaluation import gis
 from spectralmoe_jax.evaluation.scene_io import SceneInput, SceneOutput
 
 PRED_SUFFIX = "_pred"
+NO_EXPERT = 255  # routing maps: patches of a border sliver narrower than the model's multiple
 # Names of this mode's outputs, so that predicting into an input folder twice does not predict
 # the first run's results.
-OUTPUT_PATTERN = re.compile(r"_pred(_probabilities|_legend|_color)?\.(tif|png|qml|gpkg)$")
+OUTPUT_PATTERN = re.compile(r"_pred(_probabilities|_legend|_color|_experts)?\.(tif|png|qml|gpkg)$")
 FORMAT_EXTENSIONS = {"geotiff": GEOTIFF_EXTENSIONS, "image": PIL_EXTENSIONS}
 
 
@@ -91,6 +95,8 @@ def output_paths(path: str, output_dir: str, predict_config) -> list[str]:
         outputs.append(stem + "_probabilities.tif")
     if predict_config.vector:
         outputs.append(stem + ".gpkg")
+    if predict_config.routing_maps:
+        outputs.append(stem + "_experts.tif")
     return outputs
 
 
@@ -139,6 +145,10 @@ def predict_paths(model, run, input_path, output_dir: str) -> list[str]:
                 print(f"wrote {count} polygons to {polygons_path(result.labels_path)}")
             else:
                 print(f"no polygons for {path}: it has no georeferencing")
+        if pc.routing_maps:
+            experts = output_paths(path, output_dir, pc)[-1]
+            if write_routing_maps(model, path, experts, scene_input, pc.window):
+                print(f"wrote {experts}")
         written.append(result.labels_path)
         print(f"wrote {result.labels_path}")
     if skipped and not written:
@@ -146,3 +156,44 @@ def predict_paths(model, run, input_path, output_dir: str) -> list[str]:
     if skipped:
         print(f"skipped {len(skipped)} of {len(paths)} scenes that could not be read")
     return written
+
+
+def write_routing_maps(model, path: str, dst_path: str, scene_input: SceneInput,
+                       window: int) -> bool:
+    """The top-1 expert of every patch after every block (`aux['expert_v']`) over the scene, in
+    windows of `window` pixels (no overlap: routing is per token), as a GeoTIFF with one uint8
+    band per block at patch resolution (the scene's transform scaled by the patch size).
+    False, writing nothing, when the adapter does not route (REIN, w/o MoE, no adapter)."""
+    import numpy as np
+    import rasterio
+    from affine import Affine
+    from rasterio.windows import Window
+
+    from spectralmoe_jax.evaluation.runner import patch_multiple, routing_maps
+    from spectralmoe_jax.evaluation.scene_io import SceneReader
+
+    if model.adapter is None or not model.adapter.config.routed:
+        return False
+    patch, multiple = model.vfm.config.patch_size, patch_multiple(model)
+    window = max(multiple, window - window % multiple)
+    with SceneReader(path, scene_input) as reader:
+        height, width = reader.height // patch, reader.width // patch
+        maps = np.full((model.vfm.config.depth, height, width), NO_EXPERT, np.uint8)
+        for y in range(0, reader.height, window):
+            for x in range(0, reader.width, window):
+                region = Window(x, y, min(window, reader.width - x), min(window, reader.height - y))
+                image = reader.read(region)
+                if min(image.shape[:2]) < multiple:  # a sliver at the border: left NO_EXPERT
+                    continue
+                experts = routing_maps(model, image)  # [L, h, w] of the whole patches
+                maps[:, y // patch:y // patch + experts.shape[1],
+                     x // patch:x // patch + experts.shape[2]] = experts
+        profile = dict(driver="GTiff", width=width, height=height, count=maps.shape[0],
+                       dtype="uint8", compress="deflate", nodata=NO_EXPERT)
+        if reader.georeferenced:
+            profile.update(crs=reader.crs, transform=reader.transform * Affine.scale(patch))
+        with rasterio.open(dst_path, "w", **profile) as dst:
+            dst.write(maps)
+            for layer in range(maps.shape[0]):
+                dst.set_band_description(layer + 1, f"block {layer}: top-1 expert")
+    return True

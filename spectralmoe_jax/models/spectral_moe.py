@@ -44,6 +44,7 @@ that one path forms the d-wide adjustments of its k selected experts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -445,32 +446,43 @@ class SpectralMoE(nnx.Module):
         # The released combine of k >= 2 experts is per-channel log-sum-exp: d-wide adjustments.
         wide = c.released and c.routed and c.top_k > 1
 
+        # The router, the experts and the fusion are recomputed in the backward: their float32
+        # elementwise work over [B, N, E], [B, N, E, m] and [B, N, N] would otherwise be saved
+        # per layer, dozens of stacked residuals of the ViT's scan (GiBs), each zero-filled,
+        # written and read back (copies in the GPU program, issue 20), for a recomputation of
+        # under 1% of the step's FLOPs.
+        gating = jax.checkpoint(functools.partial(route, top_k=c.top_k, p=c.gate_p,
+                                                  noise_epsilon=c.noise_epsilon))
+        fusion = jax.checkpoint(fuse, static_argnums=(3, 4))
+
+        @jax.checkpoint
+        def experts(f, gates):
+            """Eq. 3-5 for every expert (or the released logits), combined with the gates; with
+            k = 1 also the released combine: its gates are exactly 1 and log(exp(dz)) = dz."""
+            return expert_coordinates(expert_logits(f, a, b, released=c.released), gates, a,
+                                      dtype)
+
+        @jax.checkpoint
+        def released_experts(f, routing):
+            logits = expert_logits(f, a, b, released=True)
+            return released_combine(logits, routing, a, basis).astype(dtype)
+
         def adjust(f, gate, eps):
-            logits = expert_logits(f, a, b, released=c.released)
             if not c.routed:
-                return expert_coordinates(logits, jnp.ones((batch, tokens, 1)), a, dtype), no_expert
-            routing = route(
-                f,
-                _at_layer(self.w_gate[...], layer_index)[gate],
-                _at_layer(self.w_noise[...], layer_index)[gate],
-                top_k=c.top_k,
-                p=c.gate_p,
-                noise_epsilon=c.noise_epsilon,
-                eps=eps,
-            )
+                return experts(f, jnp.ones((batch, tokens, 1))), no_expert
+            routing = gating(f, _at_layer(self.w_gate[...], layer_index)[gate],
+                             _at_layer(self.w_noise[...], layer_index)[gate], eps=eps)
             routings.append(routing)
             if wide:
-                return released_combine(logits, routing, a, basis).astype(dtype), routing.expert
-            # Eq. 5; with k = 1 also the released combine: its gates are exactly 1 and
-            # log(exp(dz)) = dz.
-            return expert_coordinates(logits, routing.gates, a, dtype), routing.expert
+                return released_experts(f, routing), routing.expert
+            return experts(f, routing.gates), routing.expert
 
         f_in = f_v.astype(dtype)
         z_v, expert_v = adjust(f_in, 0, eps_v)
         expert_d = no_expert
         if c.depth:
             z_d, expert_d = adjust(f_d.astype(dtype), c.num_gates - 1, eps_d)
-            fused = fuse(z_v, z_d, None if wide else basis @ basis.T, c.fusion, c.width)
+            fused = fusion(z_v, z_d, None if wide else basis @ basis.T, c.fusion, c.width)
         else:
             fused = z_v
         if wide:

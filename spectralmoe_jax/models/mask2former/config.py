@@ -33,8 +33,11 @@ class Mask2FormerConfig:
     # REIN / released option `replace_query_feat`: query features = Linear(query position
     # embedding) instead of a learned table.
     replace_query_feat: bool = False
-    # Decoder attention kernel, `models.attention`: None / "xla", "cudnn" or "auto".
-    attention_implementation: str | None = None
+    # Decoder attention kernel, `models.attention`: None / "xla", "cudnn" or "auto" (cuDNN flash
+    # attention for bf16 on a GPU, XLA elsewhere). On an H100 cuDNN halves the train step's
+    # transposes: XLA's batched matmuls over (batch, heads) need heads-major copies of every
+    # operand and gradient (docs/benchmarks.md, issue 20).
+    attention_implementation: str | None = "auto"
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     def __post_init__(self):
