@@ -101,6 +101,11 @@ def test_png_tiles_in_mmseg_layout_validate_and_stats(png_root, tmp_path):
         stats = json.load(f)
     np.testing.assert_allclose(stats["mean"], pixels.mean(0), rtol=1e-6)
     np.testing.assert_allclose(stats["std"], pixels.std(0), rtol=1e-5)
+    # No dtype in the config: the tiles' uint8 gives one histogram bin per value.
+    assert stats["value_range"] == [0.0, 256.0]
+    for q in (2, 50, 98):
+        np.testing.assert_allclose(stats["percentiles"][str(float(q))],
+                                   np.percentile(pixels, q, axis=0), atol=1.0)
     assert "--config.data.mean='(" in run.stdout  # flags to paste on the next command line
 
 
