@@ -63,6 +63,10 @@ def start_training(run, workdir: str):
     from spectralmoe_jax.io.workdir import WorkdirLock
     from spectralmoe_jax.training.trainer import Training, check_workdir_config
 
+    if "source" not in run.data.splits:
+        raise DataError("training reads config.data.splits.source, which this config leaves "
+                        "out (or its glob is empty): set --config.data.splits.source.glob")
+    need_normalization(run)
     # One trainer per workdir, from before anything is read or written.
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
     try:
@@ -122,7 +126,17 @@ def _trained_source(run, paths: Paths) -> str | None:
     return None
 
 
+def need_normalization(run) -> None:
+    """Training and inference on values that were never normalised is a silent failure."""
+    if not run.data.normalization_given:
+        raise UserError(
+            "config.data.mean and config.data.std are not set: --mode stats prints them for "
+            "your tiles as flags (for RGB 0-255 tiles ImageNet's are (123.675, 116.28, 103.53) "
+            "and (58.395, 57.12, 57.375)); zeros and ones feed the raw values")
+
+
 def _inference_model(run, paths: Paths, mode: str):
+    need_normalization(run)
     source = _trained_source(run, paths)
     if source is None and not run.eval.allow_untrained:
         where = f" (workdir {paths.workdir} holds no checkpoint)" if paths.workdir else ""
@@ -162,6 +176,10 @@ def predict(run, paths: Paths):
     if jax.process_count() > 1:
         raise UserError("--mode predict runs in one process: start it without "
                         "--config.distributed")
+    if run.data.format in ("hdf5", "npy"):
+        raise UserError(f"--mode predict reads scenes (GeoTIFF, PNG, JPEG); config.data.format "
+                        f"{run.data.format!r} tiles are not scenes: --mode eval scores them and "
+                        "draws their predictions in its report")
     _check_scene(run, paths.input)
     built = _inference_model(run, paths, "predict")
     return predict_paths(built.model, run, paths.input,
@@ -216,7 +234,7 @@ def stats(run, paths: Paths):
     """Per-band statistics of the training split, printed as a config snippet to paste."""
     import numpy as np
 
-    from spectralmoe_jax.data.stats import config_snippet, dataset_stats
+    from spectralmoe_jax.data.stats import command_line_flags, config_snippet, dataset_stats
 
     result = dataset_stats(run.data, "source")
     out = paths.output or paths.need_workdir("stats")
@@ -224,7 +242,26 @@ def stats(run, paths: Paths):
     with open(os.path.join(out, "stats.json"), "w") as f:
         json.dump(result, f, indent=2, default=lambda x: np.asarray(x).tolist())
     print(config_snippet(result))
+    print(f"# as flags:\n{command_line_flags(result)}")
     return result
+
+
+def config(run, paths: Paths):
+    """Every field of the config: its value, what the run makes of a None, a one-line doc.
+    `run` may be the ConfigDict itself: its fields are printed even when it does not parse,
+    and the error follows."""
+    from spectralmoe_jax import config_doc
+    from spectralmoe_jax.run_config import RunConfig, parse
+
+    source = run.source if isinstance(run, RunConfig) else run
+    try:
+        parsed = parse(run)
+    except UserError:
+        print(config_doc.describe(source))
+        raise
+    text = config_doc.describe(source, parsed)
+    print(text)
+    return text
 
 
 def demo(run, paths: Paths):

@@ -45,11 +45,11 @@ class TrainConfig:
     """The released optimisation recipe (SPEC 2) and the loop's schedule."""
     batch_size: int = 8  # global batch, split over processes and the mesh's data axis
     num_steps: int = 80000  # AdamW steps
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.05
+    learning_rate: float = 1e-4  # AdamW peak learning rate
+    weight_decay: float = 0.05  # AdamW decoupled weight decay
     poly_power: float = 0.9  # mmengine PolyLR power
     warmup_steps: int = 0  # linear warm-up before the poly decay
-    end_learning_rate: float = 0.0
+    end_learning_rate: float = 0.0  # learning rate at the last step
     clip_grad_norm: float = 0.0  # 0: no clipping
     grad_accum_steps: int = 1  # micro-batches averaged per AdamW step (optax.MultiSteps)
     no_decay_keys: tuple[str, ...] = NO_DECAY_KEYS  # parameter-path substrings without decay
@@ -158,10 +158,10 @@ def _one_of(config, name: str, choices) -> None:
 @dataclasses.dataclass(frozen=True)
 class BackboneSection:
     """A ViT as configured: a preset, the fields set explicitly, and its weights."""
-    preset: str
+    preset: str  # a ViT preset (models/vit.py PRESETS): family, size and layout
     overrides: Mapping[str, Any]  # ViTConfig fields set in the config (not None)
     weights: WeightsConfig
-    enabled: bool = True
+    enabled: bool = True  # False: no such backbone (depth: no depth encoder)
     bands: tuple[int, ...] = ()  # depth only: the input bands fed as R, G, B
 
     def vit(self, dtype: str, implied: Mapping[str, Any] | None = None) -> ViTConfig:
@@ -171,13 +171,13 @@ class BackboneSection:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    dtype: str
+    dtype: str  # compute dtype of every part: 'bfloat16' or 'float32'; parameters stay float32
     vfm: BackboneSection
     depth: BackboneSection
     adapter: Mapping[str, Any] | None  # AdapterConfig fields set in the config; None: no adapter
     decoder: Mapping[str, Any]  # Mask2FormerConfig fields set in the config
-    feature_layers: tuple[int, ...] | None  # None: derived from the VFM's depth
-    wavelengths: tuple[float, ...]
+    feature_layers: tuple[int, ...] | None  # blocks to the decoder; None: 7/11/15/23 of 24, scaled
+    wavelengths: tuple[float, ...]  # per input band, micrometres (DOFA); None: the data's
     checkpoint: str  # trained adapter + head: released .pth, converted folder, workdir
     convert_target: str  # `--mode convert` of a foundation-model file: 'vfm' or 'depth'
     num_classes: int
@@ -307,13 +307,14 @@ def check_keys(section: Mapping, known, where: str) -> None:
 
 
 def _plain(value):
-    """ConfigDict -> dict, lists -> tuples (configs must stay hashable: static under jit)."""
+    """ConfigDict -> dict, lists -> tuples (configs must stay hashable: static under jit);
+    (None,), which `--config.x=None` gives for a tuple field, -> None."""
     if hasattr(value, "to_dict"):
         value = value.to_dict()
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_plain(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return None if tuple(value) == (None,) else tuple(_plain(v) for v in value)
     return value
 
 
@@ -335,7 +336,7 @@ def _section(cls, config, key: str, **extra):
     return _build(cls, {**_set(section), **extra}, key)
 
 
-def _backbone(section, where: str, *, depth: bool = False) -> BackboneSection:
+def _backbone(section, where: str, data: DatasetSpec, *, depth: bool = False) -> BackboneSection:
     check_keys(section, BACKBONE_KEYS + (("enabled", "bands") if depth else ()), where)
     preset = section.get("preset")
     if preset not in PRESETS:
@@ -348,10 +349,14 @@ def _backbone(section, where: str, *, depth: bool = False) -> BackboneSection:
     weights = _build(WeightsConfig, {k: v for k, v in _set(section).items()
                                      if k in {f.name for f in dataclasses.fields(WeightsConfig)}},
                      where)
+    overrides = _set(overrides)
+    if not depth:  # the VFM takes every selected band unless the config says otherwise
+        overrides.setdefault("in_channels", data.num_bands)
     return BackboneSection(
-        preset=preset, overrides=_set(overrides), weights=weights,
+        preset=preset, overrides=overrides, weights=weights,
         enabled=bool(section.get("enabled", True)),
-        bands=tuple(int(b) for b in (section.get("bands") or (0, 1, 2))))
+        bands=tuple(int(b) for b in (_plain(section.get("bands")) or data.rgb_bands
+                                     or (0, 1, 2))))
 
 
 def _model(config, data: DatasetSpec) -> ModelSection:
@@ -364,16 +369,17 @@ def _model(config, data: DatasetSpec) -> ModelSection:
     check_keys(decoder, [f.name for f in dataclasses.fields(Mask2FormerConfig)], "model.decoder")
     adapter_fields = _set(adapter)
     enabled = adapter_fields.pop("enabled", True)
-    layers = model.get("feature_layers")
-    adapter_layers = model.get("adapter_layers")
+    layers = _plain(model.get("feature_layers"))
+    adapter_layers = _plain(model.get("adapter_layers"))
     section = ModelSection(
         dtype=str(model.get("dtype") or "float32"),
-        vfm=_backbone(model.get("vfm") or {}, "model.vfm"),
-        depth=_backbone(model.get("depth") or {}, "model.depth", depth=True),
+        vfm=_backbone(model.get("vfm") or {}, "model.vfm", data),
+        depth=_backbone(model.get("depth") or {}, "model.depth", data, depth=True),
         adapter=adapter_fields if enabled else None,
         decoder=_set(decoder),
         feature_layers=None if layers is None else tuple(int(i) for i in layers),
-        wavelengths=tuple(float(w) for w in (model.get("wavelengths") or data.wavelengths or ())),
+        wavelengths=tuple(float(w) for w in (_plain(model.get("wavelengths")) or data.wavelengths
+                                             or ())),
         checkpoint=str(model.get("checkpoint") or ""),
         convert_target=str(model.get("convert_target") or "vfm"),
         num_classes=data.num_classes,

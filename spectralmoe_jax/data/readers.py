@@ -1,7 +1,9 @@
 """Band-agnostic tile readers: GeoTIFF (rasterio), PNG/JPEG (PIL), .npy and HDF5 (h5py).
 
 Images come back as the selected bands `[H, W, C]` in the file's own dtype (scaling happens in
-`sources.py`), with a boolean nodata mask or None; labels as the raw single-band code map.
+`sources.py`), with a boolean nodata mask or None; labels as the raw single-band code map. An
+HDF5 image is one array (`hdf5_image_key`) or one 2-D dataset per band (`hdf5_band_keys`, as
+geo-bench stores them), its label a dataset of the same or another file.
 Every failure is a `DataError` naming the file.
 
 A header read (`raster_info`) also finds truncated files without decoding pixels: a GeoTIFF
@@ -104,6 +106,9 @@ def raster_info(path: str, spec: DatasetSpec, *, label: bool = False,
         else:
             import h5py
             with h5py.File(path, "r") as f:
+                if not label and spec.hdf5_band_keys:
+                    planes = _hdf5_planes(f, path, spec.hdf5_band_keys)
+                    return RasterInfo(*planes[0].shape, len(planes), str(planes[0].dtype))
                 if key not in f:
                     raise DataError(f"{path}: no HDF5 dataset {key!r} (config.data."
                                     f"hdf5_{'label' if label else 'image'}_key); it has "
@@ -182,6 +187,29 @@ def _read_array(path: str, kind: str, hdf5_key: str, config_key: str, *, image: 
         return f[hdf5_key][...]
 
 
+def _hdf5_planes(f, path: str, keys) -> list:
+    """The h5py datasets `keys` of an open file, each a 2-D band of one shape (not read)."""
+    missing = [key for key in keys if key not in f]
+    if missing:
+        raise DataError(f"{path}: no HDF5 dataset(s) {missing} (config.data.hdf5_band_keys); "
+                        f"it has {sorted(f)}")
+    planes = [f[key] for key in keys]
+    for key, plane in zip(keys, planes):
+        if plane.ndim != 2 or plane.shape != planes[0].shape:
+            raise DataError(f"{path}: HDF5 dataset {key!r} has shape {plane.shape}; every band "
+                            f"of config.data.hdf5_band_keys must be 2-D of one shape "
+                            f"({keys[0]!r}: {planes[0].shape})")
+    return planes
+
+
+def _read_hdf5_bands(path: str, spec: DatasetSpec) -> np.ndarray:
+    """The selected bands `[H, W, C]` of a file holding one dataset per band."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        keys = [spec.hdf5_band_keys[i] for i in spec.band_indices]
+        return np.stack([plane[...] for plane in _hdf5_planes(f, path, keys)], axis=-1)
+
+
 def read_image(path: str, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray | None]:
     """Selected bands `[H, W, C]` in the file's dtype, and the nodata mask `[H, W]` or None.
 
@@ -197,6 +225,8 @@ def read_image(path: str, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray | N
                 check_band_count(path, src.count, spec)
                 nodata = spec.nodata if spec.nodata is not None else src.nodata
                 bands = np.moveaxis(src.read([i + 1 for i in indices]), 0, -1)
+        elif kind == "hdf5" and spec.hdf5_band_keys:
+            bands, nodata = _read_hdf5_bands(path, spec), spec.nodata
         else:
             array = _read_array(path, kind, spec.hdf5_image_key, "hdf5_image_key", image=True)
             array = _to_hwc(array, "HWC" if kind == "image" else spec.array_layout, path)

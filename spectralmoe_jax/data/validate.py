@@ -174,8 +174,11 @@ def _list_split(spec: DatasetSpec, split: str, report: ValidationReport) -> list
             tiles.append(layout.tile_for(spec, relative, split))
         except DataError as e:
             report.problems.append(str(e))
-    wanted = spec.splits[split].domains
-    tiles = [t for t in tiles if wanted is None or t.domain in wanted]
+    try:
+        tiles = layout.keep_tiles(spec, split, tiles)
+    except DataError as e:
+        report.problems.append(str(e))
+        return []
     if not tiles and len(report.problems) == known_problems:
         report.problems.append(str(layout.no_tiles_error(spec, split)))
     names = collections.Counter(t.name for t in tiles)

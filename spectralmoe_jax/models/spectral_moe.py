@@ -83,12 +83,12 @@ class AdapterConfig:
 
     kind: str = "spectral_moe"  # 'spectral_moe' | 'rein'
     compat: str | None = None  # 'paper' | 'released' | None: by the weights (see above)
-    num_layers: int = 24
-    width: int = 1024  # d
-    num_experts: int = 6  # Ne
-    top_k: int = 1
+    num_layers: int = 24  # VFM blocks refined (one adapter layer after each)
+    width: int = 1024  # d: token width (the VFM's)
+    num_experts: int = 6  # Ne: experts per layer
+    top_k: int = 1  # experts per token (Eq. 2)
     rank: int = 16  # r of T_e = A_e B_e
-    num_tokens: int = 100  # m
+    num_tokens: int = 100  # m: tokens per expert
     gate_p: float = 2.0  # p of Eq. 1; 2 as released (torch.cdist), 1 is Laplacian gating
     noise_epsilon: float = 1e-2  # added to the noise std, as released
     # 'attention' (Eq. 6) | 'diagonal' (released) | 'add' (w/o cross-attn) | None (by compat)
@@ -100,9 +100,9 @@ class AdapterConfig:
     balance_scale: float = 1e3  # the released `loss_coef`
     balance_terms: tuple[str, ...] = BALANCE_TERMS  # cv^2 terms per modality, as released
     scale_init: float = 1e-3  # alpha of Eq. 7
-    query_dim: int = 256
-    num_queries: int = 100
-    link_token_to_query: bool = True
+    query_dim: int = 256  # width of the decoder queries the expert tokens initialise
+    num_queries: int = 100  # decoder queries made from the tokens (= num_tokens when linked)
+    link_token_to_query: bool = True  # released `link_token_to_query`: tokens -> query positions
     patch_size: int = 16  # only REIN's token initialisation uses it
     dtype: Any = jnp.float32  # compute dtype; parameters are float32, the router always float32
 
