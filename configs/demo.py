@@ -28,7 +28,8 @@ def get_config(variant=None):
     config.model.depth = config_lib.depth_config(bands=data.rgb_bands, preset="promptda_vitl16",
                                                  **TINY_VIT)
     config.model.adapter.update(dict(num_experts=4, rank=4, num_tokens=QUERIES,
-                                     num_queries=QUERIES, query_dim=WIDTH))
+                                     num_queries=QUERIES, query_dim=WIDTH, lora_rank=4,
+                                     adaptformer_bottleneck=16, vpt_tokens=8))
     config.model.decoder.update(dict(
         hidden_dim=WIDTH, num_queries=QUERIES, encoder_layers=2, encoder_heads=4,
         encoder_ffn_dim=2 * WIDTH, decoder_layers=3, decoder_heads=4, decoder_ffn_dim=2 * WIDTH,

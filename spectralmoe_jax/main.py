@@ -13,6 +13,7 @@ Modes:
   convert   PyTorch checkpoint (--input) -> a converted folder (--output, default workdir/converted)
   stats     per-band mean / std / percentiles of the dataset, as a config snippet
   demo      train, then evaluate and predict: the whole job on the configured data
+  compare   train and evaluate every method of compare.methods alike -> workdir/comparison.md
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "eval", "predict", "validate", "summary", "convert", "stats", "demo")
+MODES = ("train", "eval", "predict", "validate", "summary", "convert", "stats", "demo",
+         "compare")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)

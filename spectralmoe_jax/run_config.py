@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from spectralmoe_jax.data.spec import DatasetSpec, dataset_spec
 from spectralmoe_jax.errors import ConfigError, unknown_key
+from spectralmoe_jax.models.adapters import REIN_FAMILY
 from spectralmoe_jax.models.mask2former import Mask2FormerConfig
 from spectralmoe_jax.models.segmentor import SegmentorConfig
 from spectralmoe_jax.models.spectral_moe import AdapterConfig
@@ -33,10 +34,13 @@ from spectralmoe_jax.models.vit import PRESETS, ViTConfig, vit_config
 from spectralmoe_jax.training.mask2former_loss import LossConfig
 
 
-# Released `paramwise_cfg.custom_keys` with decay_mult 0, as substrings of our parameter paths.
+# Released `paramwise_cfg.custom_keys` with decay_mult 0, as substrings of our parameter paths
+# (REIN's, SET's, FADA's, DepthForge's `learnable_tokens*` and `scale` among them); VPT's
+# prompts are treated as tokens. LoRA's factors and AdaptFormer's projections decay (no key of
+# the released recipes names them), AdaptFormer's LayerNorm does not ("norm").
 NO_DECAY_KEYS = (
     "norm", "query_embed", "query_feat", "level_embed",
-    "experts_a", "experts_b", "w_gate", "w_noise", "scale", "learnable_tokens",
+    "experts_a", "experts_b", "w_gate", "w_noise", "scale", "learnable_tokens", "prompts",
 )
 
 
@@ -80,6 +84,17 @@ class PredictConfig:
     flip: bool = False  # flip test-time augmentation
     probabilities: bool = False  # also write per-class probability bands
     routing_maps: bool = False  # also write the top-1 expert maps
+
+
+# Table 3's rows in the paper's order (config_lib.METHODS names them all).
+TABLE3_METHODS = ("frozen", "lora", "adaptformer", "vpt", "set", "fada", "rein", "depthforge",
+                  "spectralmoe")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    """`--mode compare` (comparison.py): the method variants trained and evaluated alike."""
+    methods: tuple[str, ...] = TABLE3_METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +158,10 @@ class ModelSection:
             "in_channels": (vfm.width,) * 4, "num_classes": self.num_classes,
             "dtype": self.dtype,
             # Released heads drop their learned query positions and take the adapter's; REIN's
-            # also derives its query features from them (`querys2feat`).
+            # (and SET's, FADA's, DepthForge's) also derive their query features from them
+            # (`querys2feat`).
             "learn_query_position": not linked,
-            "replace_query_feat": linked and adapter.kind == "rein",
+            "replace_query_feat": linked and adapter.kind in REIN_FAMILY,
             **self.decoder}), "model.decoder")
         layers = self.feature_layers or default_feature_layers(vfm.depth)
         return _build(SegmentorConfig, dict(
@@ -178,12 +194,14 @@ class RunConfig:
     eval: EvalConfig
     predict: PredictConfig
     mesh: MeshConfig
+    compare: CompareConfig
     source: Any  # the ConfigDict it was parsed from (saved with a run, printed by --mode config)
 
 
 # --- parsing -----------------------------------------------------------------------------------
 
-TOP_LEVEL = ("seed", "distributed", "data", "model", "loss", "train", "eval", "predict", "mesh")
+TOP_LEVEL = ("seed", "distributed", "data", "model", "loss", "train", "eval", "predict", "mesh",
+             "compare")
 MODEL_KEYS = ("dtype", "vfm", "depth", "adapter", "decoder", "feature_layers", "wavelengths",
               "checkpoint", "convert_target", "neck", "adapter_layers")
 BACKBONE_KEYS = ("preset", "overrides", *(f.name for f in dataclasses.fields(WeightsConfig)))
@@ -291,6 +309,7 @@ def parse(config) -> RunConfig:
         eval=_section(EvalConfig, config, "eval"),
         predict=_section(PredictConfig, config, "predict"),
         mesh=_section(MeshConfig, config, "mesh"),
+        compare=_section(CompareConfig, config, "compare"),
         source=config)
 
 

@@ -38,7 +38,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-KINDS = ("spectral_moe", "rein")
+# SpectralMoE and REIN live here; the other methods of the paper's Table 3 in models/adapters/.
+KINDS = ("spectral_moe", "rein", "set", "fada", "depthforge", "lora", "adaptformer", "vpt")
+IN_BLOCK_KINDS = ("lora", "adaptformer", "vpt")  # inside the frozen blocks: no tokens
 FUSIONS = ("attention", "diagonal", "add")
 BALANCE_TERMS = ("importance", "load")
 
@@ -47,7 +49,7 @@ BALANCE_TERMS = ("importance", "load")
 class AdapterConfig:
     """The adapter's hyper-parameters; defaults are the released DINOv3 ViT-L configuration."""
 
-    kind: str = "spectral_moe"  # 'spectral_moe' | 'rein'
+    kind: str = "spectral_moe"  # one of KINDS (docs/methods.md)
     num_layers: int = 24
     width: int = 1024  # d
     num_experts: int = 6  # Ne
@@ -66,13 +68,32 @@ class AdapterConfig:
     scale_init: float = 1e-3  # alpha of Eq. 7
     query_dim: int = 256
     num_queries: int = 100
-    link_token_to_query: bool = True
-    patch_size: int = 16  # only REIN's token initialisation uses it
+    # None: as the kind was released (the token methods link, LoRA / AdaptFormer / VPT have no
+    # tokens and keep the plain head's learned queries).
+    link_token_to_query: bool | None = None
+    patch_size: int = 16  # only the token initialisations (REIN's family, VPT) use it
+    # The other methods (models/adapters/; defaults give Table 3's counts on ViT-L).
+    lora_rank: int = 8  # LoRA r; delta (alpha / r) x A B on each target
+    lora_alpha: float = 8.0  # peft's default (= r)
+    lora_targets: tuple[str, ...] = ("q", "v")  # q, k, v | qkv (fused), proj, fc1, fc2 | w1, w2, w3
+    lora_dropout: float = 0.0  # on the targets' input, in training
+    adaptformer_bottleneck: int = 64
+    adaptformer_scale: float = 0.1  # s of the parallel branch (the released image config)
+    adaptformer_layernorm: str = "in"  # 'in' (before down) | 'out' (after up) | 'none'
+    adaptformer_dropout: float = 0.1  # on the bottleneck, in training
+    vpt_tokens: int = 150  # VPT-deep prompts per block
+    vpt_dropout: float = 0.0
+    # SET and FADA as released transform across the samples of a GPU's batch (SET's FFT over the
+    # batch axis, FADA's reshapes): how many samples share one transform in training (released
+    # batch 4 per GPU) and in evaluation (mmseg tests one image at a time).
+    sample_group_train: int = 4
+    sample_group_eval: int = 1
     dtype: Any = jnp.float32  # compute dtype; parameters are float32, the router always float32
 
     def __post_init__(self):
         # ml_collections hands over lists; the config must stay hashable (static under jit).
         object.__setattr__(self, "balance_terms", tuple(self.balance_terms))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.kind not in KINDS:
             raise ValueError(f"AdapterConfig.kind={self.kind!r}: expected one of {KINDS}")
         if self.fusion not in FUSIONS:
@@ -87,6 +108,8 @@ class AdapterConfig:
             )
         if self.gate_p <= 0:
             raise ValueError(f"AdapterConfig.gate_p={self.gate_p}: must be positive")
+        if self.link_token_to_query is None:
+            object.__setattr__(self, "link_token_to_query", self.kind not in IN_BLOCK_KINDS)
         if self.link_token_to_query and self.num_queries != self.num_tokens:
             raise ValueError(
                 f"AdapterConfig: link_token_to_query makes one query per token, but "
@@ -280,6 +303,17 @@ def fuse(z_v: jax.Array, z_d: jax.Array, gram: jax.Array, fusion: str, width: in
     return weight[..., None].astype(z_v.dtype) * z_v
 
 
+def linked_queries(tokens: jax.Array, transform: nnx.Linear, merge: nnx.Linear) -> jax.Array:
+    """Rein's `return_auto` with `link_token_to_query`: tokens [L, m, c] -> queries [m, q].
+
+    Linear c -> q per layer, then max, mean and last over the layers, interleaved per channel
+    as PyTorch's flatten of [m, q, 3] does, and Linear 3 q -> q.
+    """
+    tokens = transform(tokens)
+    pooled = jnp.stack([tokens.max(axis=0), tokens.mean(axis=0), tokens[-1]], axis=-1)
+    return merge(pooled.reshape(pooled.shape[0], -1))
+
+
 class SpectralMoE(nnx.Module):
     """The adapter of all layers: SpectralMoE, its Table 4 ablations, or REIN (`config.kind`).
 
@@ -389,9 +423,7 @@ class SpectralMoE(nnx.Module):
         if not self.config.link_token_to_query:
             return None
         tokens = jnp.einsum("lemr,lerd->lmd", self.experts_a[...], self.experts_b[...])
-        tokens = self.transform(tokens / self.config.token_sets)
-        pooled = jnp.stack([tokens.max(axis=0), tokens.mean(axis=0), tokens[-1]], axis=-1)
-        return self.merge(pooled.reshape(pooled.shape[0], -1))
+        return linked_queries(tokens / self.config.token_sets, self.transform, self.merge)
 
     def _check_inputs(self, f_v, f_d, train, rng):
         c = self.config
