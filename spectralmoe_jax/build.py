@@ -16,11 +16,13 @@ from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 
+from spectralmoe_jax.conversion import adapter as adapter_conversion
 from spectralmoe_jax.conversion import load
 from spectralmoe_jax.conversion.rules import ConversionError, check_params, flatten_state
-from spectralmoe_jax.models.segmentor import Segmentor, SegmentorConfig
+from spectralmoe_jax.models.segmentor import Segmentor, SegmentorConfig, trained_variables
 
 PARTS = ("vfm", "depth")  # frozen backbones with their own weights
 
@@ -63,6 +65,7 @@ def build_segmentor(model_section, *, seed: int = 0, trained: str | None = None,
             raise ConversionError(f"{trained}: holds a converted {opened['trained'].holds} "
                                   "backbone, not a trained adapter and head")
         implied["adapter"] = dict(opened["trained"].implied)
+        adapter_conversion.log_implied(trained, implied["adapter"], model_section.adapter)
     elif require_trained:
         raise ConversionError("no trained checkpoint: give --checkpoint (a run's workdir, a step "
                               "folder, a converted folder or a released .pth)")
@@ -81,8 +84,15 @@ def build_segmentor(model_section, *, seed: int = 0, trained: str | None = None,
             filled.update({f"{part}/{k}": v for k, v in params.items()})
     if "trained" in opened:
         params = load.trained_params(opened["trained"], abstract)
-        trained_paths = {k: v for k, v in ours.items() if k.split("/")[0] in ("adapter", "head")}
-        check_params(params, trained_paths, where=f"{opened['trained'].path} (adapter + head)")
+        # A file may hold one trained part (a released adapter for a new head): the others keep
+        # their initialisation, said once.
+        trained_vars = trained_variables(ours)
+        parts = sorted({k.split("/")[0] for k in params})
+        absent = sorted({k.split("/")[0] for k in trained_vars} - set(parts))
+        if absent:
+            logging.warning("%s holds no %s: initialised", opened["trained"].path, " or ".join(absent))
+        check_params(params, {k: v for k, v in trained_vars.items() if k.split("/")[0] in parts},
+                     where=f"{opened['trained'].path} ({' + '.join(parts)})")
         filled.update(params)
     model = materialise(config, seed, abstract, filled, sharding)
     return Built(model, config, {p: o.path for p, o in opened.items()},

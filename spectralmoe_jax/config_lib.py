@@ -15,9 +15,9 @@ import ml_collections
 from spectralmoe_jax.models.mask2former import Mask2FormerConfig
 from spectralmoe_jax.models.spectral_moe import AdapterConfig
 from spectralmoe_jax.models.vit import ViTConfig
-from spectralmoe_jax.run_config import (TABLE3_METHODS, CompareConfig, EvalConfig, LossConfig,
-                                        MeshConfig, PredictConfig, TrainConfig, WeightsConfig,
-                                        section_config)
+from spectralmoe_jax.run_config import (TABLE3_METHODS, CompareConfig, EvalConfig, ExportConfig,
+                                        LossConfig, MeshConfig, PredictConfig, TrainConfig,
+                                        WeightsConfig, section_config)
 
 # Fields the run derives from other sections unless a config sets them.
 ADAPTER_DERIVED = ("num_layers", "width", "dtype")  # from the VFM and model.dtype
@@ -85,6 +85,7 @@ def base_config(data: ml_collections.ConfigDict, *, num_steps: int,
                                   eval_every=every)
     config.eval = section_config(EvalConfig)
     config.predict = section_config(PredictConfig)
+    config.export = section_config(ExportConfig)
     config.mesh = section_config(MeshConfig)
     config.compare = section_config(CompareConfig)
     return config

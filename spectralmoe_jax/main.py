@@ -7,7 +7,9 @@ r"""The one entry point.
 Modes:
   train     train (resuming from the workdir's last checkpoint), evaluating every eval_every steps
   eval      evaluate trained weights (--checkpoint, else the workdir's) on the target domains
-  predict   label maps for --input (GeoTIFF scenes or a folder), georeferenced, + colour PNGs
+  predict   label maps for --input (GeoTIFF / PNG scenes or a folder) in the dataset's codes,
+            with QGIS style, legend, colour preview; optional probabilities and polygons
+  export    the model as ONNX (QGIS Deepness, onnxruntime) and jax.export, checked on a tile
   validate  check the dataset against the config (bands, labels, sizes, corrupt files)
   summary   parameter counts by module, total and trainable -> workdir/summary.json
   convert   PyTorch checkpoint (--input) -> a converted folder (--output, default workdir/converted)
@@ -23,18 +25,20 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "eval", "predict", "validate", "summary", "convert", "stats", "demo",
-         "compare")
+MODES = ("train", "eval", "predict", "export", "validate", "summary", "convert", "stats",
+         "demo", "compare")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's folder: checkpoints, metrics, outputs.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 _INPUT = flags.DEFINE_string("input", None, "predict: a GeoTIFF or a folder; convert: a PyTorch file.")
-_OUTPUT = flags.DEFINE_string("output", None, "eval / predict / convert: where to write "
-                              "(default: inside the workdir; an existing folder is never reused).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "eval / predict: trained weights: a run's "
-                                  "workdir or step folder, a converted folder, a released .pth.")
+_OUTPUT = flags.DEFINE_string("output", None, "eval / predict / export / convert: where to "
+                              "write (default: inside the workdir; an existing folder is never "
+                              "reused).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "eval / predict / export: trained weights: "
+                                  "a run's workdir or step folder, a converted folder, a released "
+                                  ".pth.")
 flags.mark_flags_as_required(["config"])
 
 

@@ -121,13 +121,21 @@ def eval(run, paths: Paths):  # noqa: A001 - the mode's name
 
 
 def predict(run, paths: Paths):
-    from spectralmoe_jax.evaluation.runner import predict_paths
+    from spectralmoe_jax.evaluation.predict import predict_paths
 
     if not paths.input:
-        raise UserError("--mode predict needs --input: a GeoTIFF scene or a folder of them")
+        raise UserError("--mode predict needs --input: a GeoTIFF / PNG scene or a folder of them")
     built = _inference_model(run, paths, "predict")
     return predict_paths(built.model, run, paths.input,
                          fresh(paths.output_in("predict", "predictions")))
+
+
+def export(run, paths: Paths):
+    """The trained model as ONNX and jax.export at export.tile_size, checked on a real tile."""
+    from spectralmoe_jax.export import export_model
+
+    built = _inference_model(run, paths, "export")
+    return export_model(built.model, run, fresh(paths.output_in("export", "export")))
 
 
 def validate(run, paths: Paths):
@@ -170,7 +178,8 @@ def stats(run, paths: Paths):
 def demo(run, paths: Paths):
     """The whole job: evaluate the untrained model on the unseen domain, train, evaluate again
     (with the HTML report), predict the unseen tiles as GeoTIFFs and PNGs."""
-    from spectralmoe_jax.evaluation.runner import Evaluator, predict_paths
+    from spectralmoe_jax.evaluation.predict import predict_paths
+    from spectralmoe_jax.evaluation.runner import Evaluator
 
     workdir = paths.need_workdir("demo")
     training = start_training(run, workdir)

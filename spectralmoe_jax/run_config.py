@@ -84,6 +84,18 @@ class PredictConfig:
     flip: bool = False  # flip test-time augmentation
     probabilities: bool = False  # also write per-class probability bands
     routing_maps: bool = False  # also write the top-1 expert maps
+    labels: str = "codes"  # 'codes': the dataset's own label codes (docs/gis.md); 'ids': train ids
+    probability_dtype: str = "uint8"  # probability bands: 'uint8' (255 p) or 'float16'
+    vector: bool = False  # also polygons per class (GeoPackage)
+    min_area: float = 0.0  # drop polygons smaller than this (CRS units squared)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """`--mode export`: ONNX (QGIS Deepness, onnxruntime) and jax.export at a fixed tile size."""
+    tile_size: int = 512  # the exported tile, pixels a side (a multiple of twice the patch)
+    opset: int = 17  # ONNX opset
+    resolution_cm: float = 0.0  # Deepness' ground resolution; 0: from the check tile
 
 
 # Table 3's rows in the paper's order (config_lib.METHODS names them all).
@@ -195,13 +207,14 @@ class RunConfig:
     predict: PredictConfig
     mesh: MeshConfig
     compare: CompareConfig
+    export: ExportConfig
     source: Any  # the ConfigDict it was parsed from (saved with a run, printed by --mode config)
 
 
 # --- parsing -----------------------------------------------------------------------------------
 
-TOP_LEVEL = ("seed", "distributed", "data", "model", "loss", "train", "eval", "predict", "mesh",
-             "compare")
+TOP_LEVEL = ("seed", "distributed", "data", "model", "loss", "train", "eval", "predict", "export",
+             "mesh", "compare")
 MODEL_KEYS = ("dtype", "vfm", "depth", "adapter", "decoder", "feature_layers", "wavelengths",
               "checkpoint", "convert_target", "neck", "adapter_layers")
 BACKBONE_KEYS = ("preset", "overrides", *(f.name for f in dataclasses.fields(WeightsConfig)))
@@ -309,6 +322,7 @@ def parse(config) -> RunConfig:
         eval=_section(EvalConfig, config, "eval"),
         predict=_section(PredictConfig, config, "predict"),
         mesh=_section(MeshConfig, config, "mesh"),
+        export=_section(ExportConfig, config, "export"),
         compare=_section(CompareConfig, config, "compare"),
         source=config)
 

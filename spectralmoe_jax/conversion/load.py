@@ -6,7 +6,7 @@ A part of the segmentor comes from one of
     MMSegmentation checkpoint for the trained parts (conversion/segmentor.py);
   - a folder written by `--mode convert` (Orbax, with `conversion.json` saying what it holds);
   - a training run: its workdir, its `checkpoints/` folder or one step folder in it (the
-    `params` item of the best step, else the latest).
+    `trained` item of the best step, else the latest).
 
 Opening a file is separate from converting it: what a checkpoint implies about the model (its
 naming scheme's position interpolation, the released adapter's math) is known from its keys
@@ -114,24 +114,25 @@ def open_checkpoint(path: str, *, scheme: str = "auto", prefix: str = "") -> Ope
         meta = read_meta(path)
         return Opened(path, "orbax", _read_orbax(path), implied=dict(meta.get("implied", {})),
                       holds=meta.get("holds", ""))
-    return Opened(path, "torch",
-                  vit_conversion.select_prefix(load_state_dict(path), prefix, path), scheme=scheme)
+    from spectralmoe_jax.conversion import adapter
+
+    state = vit_conversion.select_prefix(load_state_dict(path), prefix, path)
+    # Released DepthMoE weights imply the released adapter math (a backbone file implies
+    # nothing here; its settings come from `backbone_implied`).
+    return Opened(path, "torch", state, scheme=scheme, implied=adapter.implied_settings(state))
 
 
 def _open_run(directory: str, step: int) -> Opened:
-    import orbax.checkpoint as ocp
-
+    """The `trained` item of a run's step: parameters and statistics under our paths."""
     from spectralmoe_jax.io.checkpoint import Checkpointer
 
     checkpointer = Checkpointer(directory, read_only=True)
     try:
-        restored = checkpointer.manager.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-    except Exception as error:  # noqa: BLE001 - a library error names no file
-        raise ConversionError(f"{directory}: cannot read step {step}: {error}") from error
+        trained = checkpointer.restore(step)["trained"]
     finally:
         checkpointer.close()
-    state = {key: np.asarray(value) for key, value in flatten_state(restored["params"]).items()}
+    state = {key: np.asarray(value) for part in ("params", "stats")
+             for key, value in flatten_state(trained[part]).items()}
     return Opened(os.path.join(directory, str(step)), "run", state, step=step)
 
 
@@ -159,7 +160,9 @@ def backbone_params(opened: Opened, config, *, stem: str = "cyclic") -> dict[str
 
 
 def trained_params(opened: Opened, model) -> dict[str, np.ndarray]:
-    """The adapter's and head's parameters ('adapter/...', 'head/...') for `model`."""
+    """The trained variables (everything outside the frozen backbones: 'adapter/...',
+    'head/...', a neck's) for `model`: those the checkpoint holds (a released adapter alone, a
+    head alone, or both)."""
     if opened.kind != "torch":
         return opened.state
     from spectralmoe_jax.conversion.segmentor import convert_trained_parts

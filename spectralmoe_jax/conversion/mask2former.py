@@ -19,11 +19,14 @@ import numpy as np
 
 from spectralmoe_jax.conversion.rules import (
     ConversionError,
+    Problems,
     Rule,
     apply_rules,
+    check_params,
     conv_kernel,
     linear_kernel,
     load_into_module,
+    param_shapes,
 )
 
 
@@ -145,7 +148,7 @@ MMSEG_RULES = [
 ]
 
 
-def split_in_proj(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def split_in_proj(state_dict: Mapping[str, np.ndarray], problems: Problems) -> dict[str, np.ndarray]:
     """`X.in_proj_weight` / `X.in_proj_bias` -> `X.{q,k,v}_proj.weight` / `.bias`."""
     out = {}
     for key, value in state_dict.items():
@@ -153,9 +156,9 @@ def split_in_proj(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
             if key.endswith(fused):
                 value = np.asarray(value)
                 if value.shape[0] % 3:
-                    raise ConversionError(
-                        f"{key}: shape {value.shape} is not 3 stacked projections"
-                    )
+                    problems.mis_shaped.append(
+                        f"{key}: shape {value.shape} is not 3 stacked projections")
+                    break
                 base = key[: -len(fused)]
                 for name, part in zip(("q", "k", "v"), np.split(value, 3, axis=0)):
                     out[f"{base}.{name}_proj.{kind}"] = part
@@ -165,25 +168,40 @@ def split_in_proj(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
     return out
 
 
-def convert_hf(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """HF `Mask2FormerForUniversalSegmentation` state dict -> {head parameter path: array}."""
+def _convert(selected, rules, expected) -> dict[str, np.ndarray]:
+    """The table applied; with the head's {path: shape}, every problem in one error."""
+    problems = Problems()
+    params = apply_rules(split_in_proj(selected, problems), rules, expected=expected,
+                         problems=problems)
+    if expected is None:
+        problems.raise_if_any()
+    else:
+        check_params(params, expected, problems=problems)
+    return params
+
+
+def convert_hf(state_dict: Mapping[str, np.ndarray], *, expected=None) -> dict[str, np.ndarray]:
+    """HF `Mask2FormerForUniversalSegmentation` state dict -> {head parameter path: array}.
+
+    `expected`: the head's {path: shape} (`rules.param_shapes`), to check it all at once.
+    """
     selected = {k: v for k, v in state_dict.items() if k.startswith(HF_PREFIXES)}
     if not selected:
         raise ConversionError(
             f"no HF Mask2Former decoder keys (prefixes {HF_PREFIXES}) in the checkpoint"
         )
-    return apply_rules(split_in_proj(selected), HF_RULES)
+    return _convert(selected, HF_RULES, expected)
 
 
 def convert_mmseg(
-    state_dict: Mapping[str, np.ndarray], prefix: str = "decode_head."
+    state_dict: Mapping[str, np.ndarray], prefix: str = "decode_head.", *, expected=None
 ) -> dict[str, np.ndarray]:
     """mmdet / MMSegmentation `Mask2FormerHead` state dict (keys under `prefix`) -> parameters."""
     selected = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not selected:
         raise ConversionError(f"no keys under {prefix!r} in the checkpoint")
     rules = [dataclasses.replace(r, source=re.escape(prefix) + r.source) for r in MMSEG_RULES]
-    return apply_rules(split_in_proj(selected), rules)
+    return _convert(selected, rules, expected)
 
 
 def detect_naming(state_dict: Mapping[str, np.ndarray]) -> str:
@@ -209,4 +227,4 @@ def load_head(head, state_dict: Mapping[str, np.ndarray], naming: str = "auto") 
     converters = {"hf": convert_hf, "mmseg": convert_mmseg}
     if naming not in converters:
         raise ValueError(f"naming must be 'auto', 'hf' or 'mmseg', got {naming!r}")
-    load_into_module(head, converters[naming](state_dict))
+    load_into_module(head, converters[naming](state_dict, expected=param_shapes(head)))

@@ -2,7 +2,7 @@
 
 Handles the released formats: `.pth` / `.pt` / `.ckpt` / `.bin` (torch pickles, possibly wrapped
 in "state_dict", "model" or "module"), and `.safetensors`. torch is imported only here, and only
-for pickled files.
+for pickled files. `.onnx` exports are read by `onnx_io`, which names their weights as PyTorch did.
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ def load_state_dict(path: str | os.PathLike, *, strip_prefix: str = "") -> dict[
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointReadError(f"checkpoint file not found: {path}")
+    if path.endswith(".onnx"):
+        from spectralmoe_jax.conversion.onnx_io import onnx_state_dict
+
+        raw = onnx_state_dict(path)
+        return {key[len(strip_prefix):] if strip_prefix and key.startswith(strip_prefix) else key:
+                value for key, value in raw.items()}
     try:
         if path.endswith(".safetensors"):
             from safetensors.numpy import load_file

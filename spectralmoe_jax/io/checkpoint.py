@@ -1,10 +1,11 @@
 """Atomic, resumable checkpoints with orbax's CheckpointManager.
 
 A checkpoint holds three items:
-  params  the trainable parameters alone (a plain nested dict, 'adapter/...' and 'head/...'), so
-          that evaluation and prediction restore them without building an optimiser;
-  train   what else a resumed run needs to continue exactly: step, optimiser state, RNG key;
-  data    the input iterator's state (JSON).
+  trained  what evaluation and prediction need, restored without building an optimiser: the
+           trainable parameters (`params`: 'adapter/...', 'head/...') and the statistics they
+           keep (`stats`: BatchNorm running statistics, often none), as plain nested dicts;
+  train    what else a resumed run needs to continue exactly: step, optimiser state, RNG key;
+  data     the input iterator's state (JSON).
 The frozen backbones are not saved: they come from their own files or seed.
 
 orbax writes each step into a temporary directory and renames it when complete, so a run killed
@@ -23,7 +24,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from spectralmoe_jax.errors import UserError
 
-ITEMS = ("params", "train", "data")
+ITEMS = ("trained", "train", "data")
 
 
 class CheckpointError(UserError, OSError):
@@ -72,13 +73,13 @@ class Checkpointer:
     def best_step(self) -> int | None:
         return self.manager.best_step()
 
-    def save(self, step: int, *, params, train, data, metrics: dict | None = None) -> None:
+    def save(self, step: int, *, trained, train, data, metrics: dict | None = None) -> None:
         """Writes one step atomically. A full disk is a `CheckpointError`; older steps remain."""
         try:
             self.manager.save(
                 step,
                 args=ocp.args.Composite(
-                    params=ocp.args.StandardSave(params),
+                    trained=ocp.args.StandardSave(trained),
                     train=ocp.args.StandardSave(train),
                     data=ocp.args.JsonSave(_jsonable(data))),
                 metrics=metrics, force=True)
@@ -90,13 +91,14 @@ class Checkpointer:
                 f"could not write checkpoint for step {step} in {self.directory}: {reason}. "
                 f"The last complete checkpoint (step {last}) is untouched.") from error
 
-    def restore(self, step: int | None = None, *, params, train=None) -> dict | None:
-        """The items of `step` (default: the latest), restored into the abstract trees given
-        (`train=None`: parameters only, for inference); None if there is no checkpoint."""
+    def restore(self, step: int | None = None, *, trained=None, train=None) -> dict | None:
+        """The items of `step` (default: the latest), restored into the trees given (None for
+        `trained`: as saved; `train=None`: the trained item only, for inference); None if there
+        is no checkpoint."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
             return None
-        args = dict(params=ocp.args.StandardRestore(params))
+        args = dict(trained=ocp.args.StandardRestore(trained))
         if train is not None:
             args.update(train=ocp.args.StandardRestore(train), data=ocp.args.JsonRestore())
         try:
@@ -104,7 +106,7 @@ class Checkpointer:
         except Exception as error:  # noqa: BLE001
             raise CheckpointError(
                 f"cannot restore checkpoint step {step} from {self.directory}: {error}") from error
-        out = {"step": step, "params": restored["params"]}
+        out = {"step": step, "trained": restored["trained"]}
         if train is not None:
             out.update(train=restored["train"], data=unpack_data_state(restored["data"]))
         return out

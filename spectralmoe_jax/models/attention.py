@@ -8,7 +8,8 @@ rows are cut off, so the padding never changes a result.
 'pallas' is the alternative issue 7 asks to measure against cuDNN: jax's own Pallas (Triton)
 flash attention, `jax.experimental.pallas.ops.gpu.attention.mha`, forward and backward kernels,
 on the same padded tokens with segment ids standing in for the true lengths (padding is segment
-0, tokens segment 1). Off the GPU it runs in Pallas' interpreter, slowly: for tests only.
+0, tokens segment 1). Lowered for anything but a GPU it runs in Pallas' interpreter, slowly: for
+tests only.
 """
 
 from __future__ import annotations
@@ -108,11 +109,15 @@ def _pallas_attention(q, k, v, *, bias, mask, pad_multiple: int):
     sizes = dataclasses.replace(sizes, **{field.name: block for field in dataclasses.fields(sizes)
                                           if field.name.startswith("block_")})
     segment_ids = jnp.broadcast_to(jnp.arange(padded) < length, (q.shape[0], padded))
-    out = pallas_attention.mha(
-        *(_pad_axis(x, 1, padded) for x in (q, k, v)),
-        segment_ids=segment_ids.astype(jnp.int32),
-        sm_scale=q.shape[-1] ** -0.5,
-        block_sizes=sizes,
-        interpret=jax.default_backend() != "gpu",
-    )
+
+    def kernel(interpret: bool):
+        return lambda q, k, v, segment_ids: pallas_attention.mha(
+            q, k, v, segment_ids=segment_ids, sm_scale=q.shape[-1] ** -0.5,
+            block_sizes=sizes, interpret=interpret)
+
+    # The GPU kernel where the program is lowered for a GPU (also ahead of time, from a machine
+    # without one: scripts/aot_check.py), Pallas' interpreter elsewhere.
+    out = jax.lax.platform_dependent(
+        *(_pad_axis(x, 1, padded) for x in (q, k, v)), segment_ids.astype(jnp.int32),
+        cuda=kernel(False), rocm=kernel(False), default=kernel(True))
     return out[:, :length]

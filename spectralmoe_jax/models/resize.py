@@ -135,3 +135,61 @@ def adapt_stem_timm(kernel: np.ndarray, in_channels: int) -> np.ndarray:
     if in_channels == 3:
         return kernel
     return adapt_stem_cyclic(kernel, in_channels) * np.float32(3 / in_channels)
+
+
+def resize_bilinear(x, shape: tuple[int, ...]):
+    """`F.interpolate(mode='bilinear', align_corners=False)` without antialiasing, to `shape`:
+    equal to `jax.image.resize(x, shape, 'linear', antialias=False)`.
+
+    Each resized axis whose sizes differ by an integer factor k is resampled from shifted copies
+    (half-pixel centres: up by k, output phase r lies at offset (r + 0.5) / k - 0.5 from its
+    source pixel, between it and one neighbour, the border replicated; down by k, the output
+    sits on a source pixel (k odd) or midway between two (k even)). jax.image.resize contracts
+    each axis with a weight matrix instead, which the GPU program brackets with transposes (in
+    the forward and the backward, issue 20). Other ratios fall back to jax.image.resize.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if x.ndim != len(shape):
+        raise ValueError(f"resize_bilinear: input {x.shape} and target {shape} differ in rank")
+    for axis, (n_in, n_out) in enumerate(zip(x.shape, shape)):
+        if n_in == n_out:
+            continue
+        if n_out % n_in == 0:
+            x = _upsample_axis(x, axis, n_out // n_in, jnp)
+        elif n_in % n_out == 0:
+            x = _downsample_axis(x, axis, n_in // n_out, jnp)
+        else:
+            x = jax.image.resize(x, (*x.shape[:axis], n_out, *x.shape[axis + 1:]), "linear",
+                                 antialias=False)
+    return x
+
+
+def _upsample_axis(x, axis: int, factor: int, jnp):
+    from jax import lax
+
+    n = x.shape[axis]
+    first, last = lax.slice_in_dim(x, 0, 1, axis=axis), lax.slice_in_dim(x, n - 1, n, axis=axis)
+    # The neighbours on either side, border pixels replicated (static slices, no gather).
+    previous = jnp.concatenate([first, lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
+    following = jnp.concatenate([lax.slice_in_dim(x, 1, n, axis=axis), last], axis=axis)
+    phases = []
+    for r in range(factor):
+        offset = (r + 0.5) / factor - 0.5  # in (-0.5, 0.5): the neighbour is one pixel away
+        neighbour = previous if offset < 0 else following
+        phases.append((1.0 - abs(offset)) * x + abs(offset) * neighbour)
+    out = jnp.stack(phases, axis=axis + 1)
+    return out.reshape(*x.shape[:axis], n * factor, *x.shape[axis + 1:])
+
+
+def _downsample_axis(x, axis: int, factor: int, jnp):
+    from jax import lax
+
+    n = x.shape[axis]
+    blocks = x.reshape(*x.shape[:axis], n // factor, factor, *x.shape[axis + 1:])
+    middle = factor // 2  # output i samples source position factor * i + (factor - 1) / 2
+    pick = lambda index: lax.index_in_dim(blocks, index, axis=axis + 1, keepdims=False)  # noqa: E731
+    if factor % 2:
+        return pick(middle)
+    return 0.5 * (pick(middle - 1) + pick(middle))

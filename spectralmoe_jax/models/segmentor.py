@@ -27,7 +27,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from spectralmoe_jax.models import adapters
+from spectralmoe_jax.models import adapters, resize
 from spectralmoe_jax.models.mask2former import Mask2FormerConfig, Mask2FormerHead
 from spectralmoe_jax.models.neck import CLIPFeaturePyramid
 from spectralmoe_jax.models.spectral_moe import AdapterConfig
@@ -86,14 +86,13 @@ class SegmentorConfig:
 def resize_bilinear(x: jax.Array, scale: float) -> jax.Array:
     """F.interpolate(scale_factor=s, mode='bilinear', align_corners=False) on NHWC maps.
 
-    For integer up-scaling and 2x down-scaling this is exactly what jax.image.resize's
-    'linear' (half-pixel centres, no antialias) computes.
+    As jax.image.resize's 'linear' (half-pixel centres, no antialias), from shifted copies
+    for these integer factors (models/resize.py): no matmul, no transpose on the GPU.
     """
     if scale == 1.0:
         return x
     b, h, w, c = x.shape
-    shape = (b, int(round(h * scale)), int(round(w * scale)), c)
-    return jax.image.resize(x, shape, method="linear", antialias=False)
+    return resize.resize_bilinear(x, (b, int(round(h * scale)), int(round(w * scale)), c))
 
 
 class Segmentor(nnx.Module):
@@ -203,6 +202,12 @@ class Segmentor(nnx.Module):
 def is_trainable(path: Sequence, _value=None) -> bool:
     """True for parameters outside the frozen backbones."""
     return bool(path) and str(getattr(path[0], "key", path[0])) not in FROZEN_PREFIXES
+
+
+def trained_variables(flat: dict) -> dict:
+    """The entries of a flat {'a/b/c': leaf} model state that training changes: every variable
+    outside the frozen backbones (parameters, and statistics such as a neck's BatchNorm)."""
+    return {k: v for k, v in flat.items() if k.split("/")[0] not in FROZEN_PREFIXES}
 
 
 def trainable_filter():

@@ -15,8 +15,20 @@ Per layer l and modality j in {v (visual), d (depth)}:
 
 Where the paper is silent the released code (daxichen/SpectralMoE-main,
 `models/backbones/depthmoe.py`, class `DepthMoE`) decides: Euclidean distance (torch.cdist, p=2),
-1e-2 added to the noise std, token 0 as an attention sink, the Shazeer et al. load term in the
-balance loss, the diagonal fusion form, and every initialisation. REIN is w1oves/Rein `LoRAReins`.
+1e-2 added to the noise std, the Shazeer et al. load term in the balance loss, and every
+initialisation. Both paths keep the released attention sink (token 0 enters the softmax and
+gives no value; Eq. 4 as printed sums all m tokens). REIN is w1oves/Rein `LoRAReins`.
+
+Where the released code departs from the paper, `AdapterConfig.compat` chooses (docs/released_code.md
+lists every point side by side):
+  'paper'     Eq. 3-6 as written: the default for training from scratch.
+  'released'  what `DepthMoE.forward_delta_feat` computes, and what its one published checkpoint
+              was trained with: the expert attention `einsum("bc,td->bt", x, T_e)` sums the channel
+              indices apart, logit_t = (sum_c f_c)(sum_d T_e[t, d]) / sqrt d (rank one per expert);
+              `SparseDispatcher.combine` without `multiply_by_gates` gives
+              df = log sum_{e: g_e > 0} exp(dz_e) per channel (= dz_e for k = 1), ungated; the
+              fusion is the diagonal form. Loading released weights selects it
+              (`conversion/adapter.py: implied_settings`).
 
 Experts are tiny (m x r and r x d) and few, so every expert runs densely on every token and the
 gates (zero off the top-k) select: no capacity, no token dropping, nothing data-dependent in the
@@ -25,31 +37,52 @@ shapes, and all einsums keep the batch and token axes free so a mesh can shard t
 Every expert adjustment is a combination of the K = Ne r + 1 rows of U = [B_e W_T; b_T]
 (`expert_basis`), so Eq. 4-6 run on K coordinates per token instead of d: at ViT-L size the N x N
 fusion attention costs 97 instead of 1024 per entry. The results are the equations' exactly, up
-to floating-point reassociation.
+to floating-point reassociation. The released combine for k >= 2 is non-linear per channel, so
+that one path forms the d-wide adjustments of its k selected experts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # SpectralMoE and REIN live here; the other methods of the paper's Table 3 in models/adapters/.
 KINDS = ("spectral_moe", "rein", "set", "fada", "depthforge", "lora", "adaptformer", "vpt")
 IN_BLOCK_KINDS = ("lora", "adaptformer", "vpt")  # inside the frozen blocks: no tokens
+COMPATS = ("paper", "released")
 FUSIONS = ("attention", "diagonal", "add")
 BALANCE_TERMS = ("importance", "load")
+# SparseDispatcher.combine replaces exact zeros by numpy's float eps before the log.
+_RELEASED_COMBINE_FLOOR = float(np.finfo(np.float64).eps)
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
-    """The adapter's hyper-parameters; defaults are the released DINOv3 ViT-L configuration."""
+    """The adapter's hyper-parameters; defaults are the released DINOv3 ViT-L configuration.
+
+    `compat` picks the math where the released `DepthMoE` departs from the paper:
+
+      point            compat='paper' (default)            compat='released'
+      expert logits    f . T_e[t] / sqrt d  (Eq. 3)        (sum_c f_c)(sum_d T_e[t, d]) / sqrt d
+      expert combine   sum_e g_e dz_e  (Eq. 5)             log sum_{e: g_e > 0} exp(dz_e), ungated
+      fusion (None)    'attention'  (Eq. 6)                'diagonal'
+      gate_p           any p > 0 (Eq. 1)                   2 (torch.cdist, `gating='laplace'`)
+
+    None (unset) resolves to 'paper' when the model is built from scratch; loading or converting
+    released weights (`backbone.depthmoe.*`) implies 'released' (`conversion/adapter.py:
+    implied_settings`), unless the config sets `compat`. REIN (`kind='rein'`) has one form: the
+    released `LoRAReins`, whatever `compat` says.
+    """
 
     kind: str = "spectral_moe"  # one of KINDS (docs/methods.md)
+    compat: str | None = None  # 'paper' | 'released' | None: by the weights (see above)
     num_layers: int = 24
     width: int = 1024  # d
     num_experts: int = 6  # Ne
@@ -58,7 +91,8 @@ class AdapterConfig:
     num_tokens: int = 100  # m
     gate_p: float = 2.0  # p of Eq. 1; 2 as released (torch.cdist), 1 is Laplacian gating
     noise_epsilon: float = 1e-2  # added to the noise std, as released
-    fusion: str = "attention"  # 'attention' (Eq. 6) | 'diagonal' (released) | 'add' (w/o cross-attn)
+    # 'attention' (Eq. 6) | 'diagonal' (released) | 'add' (w/o cross-attn) | None (by compat)
+    fusion: str | None = None
     use_depth: bool = True  # False: w/o depth feature
     dual_gating: bool = True  # False: one gate shared by both modalities
     use_moe: bool = True  # False: one expert, no gating (w/o MoE)
@@ -96,8 +130,23 @@ class AdapterConfig:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.kind not in KINDS:
             raise ValueError(f"AdapterConfig.kind={self.kind!r}: expected one of {KINDS}")
+        if self.compat not in (*COMPATS, None):
+            raise ValueError(f"AdapterConfig.compat={self.compat!r}: expected None or one of {COMPATS}")
+        compat = self.compat or "paper"
+        object.__setattr__(self, "compat", compat)
+        if self.fusion is None:
+            object.__setattr__(self, "fusion", "diagonal" if compat == "released" else "attention")
         if self.fusion not in FUSIONS:
-            raise ValueError(f"AdapterConfig.fusion={self.fusion!r}: expected one of {FUSIONS}")
+            raise ValueError(f"AdapterConfig.fusion={self.fusion!r}: expected None or one of {FUSIONS}")
+        if self.released and self.fusion == "attention":
+            raise ValueError(
+                "AdapterConfig: compat='released' runs the released DepthMoE, whose fusion is the "
+                "diagonal form; fusion='attention' is the paper's Eq. 6. Leave fusion unset or set "
+                "'diagonal' (or 'add', the w/o cross-attention ablation), or compat='paper'")
+        if self.released and self.gate_p != 2:
+            raise ValueError(
+                f"AdapterConfig: compat='released' gates with torch.cdist (p = 2), but "
+                f"gate_p={self.gate_p}; set gate_p=2 or compat='paper'")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(
                 f"AdapterConfig.top_k={self.top_k}: needs 1 <= top_k <= num_experts={self.num_experts}"
@@ -115,6 +164,11 @@ class AdapterConfig:
                 f"AdapterConfig: link_token_to_query makes one query per token, but "
                 f"num_queries={self.num_queries} != num_tokens={self.num_tokens}"
             )
+
+    @property
+    def released(self) -> bool:
+        """Whether the released DepthMoE math runs (SpectralMoE with compat='released')."""
+        return self.kind == "spectral_moe" and self.compat == "released"
 
     @property
     def routed(self) -> bool:
@@ -143,6 +197,7 @@ class Routing(NamedTuple):
     """Eq. 1-2 for one modality, and what the balance loss needs."""
 
     gates: jax.Array  # [B, N, E] float32, softmax over the top-k logits, zero elsewhere
+    top: jax.Array  # [B, N, k] int32, the selected experts, best first
     expert: jax.Array  # [B, N] int32, the top-1 expert
     importance: jax.Array  # [E] sum of gates over all tokens (Eq. 11)
     load: jax.Array  # [E] smooth load (training with noise) or count of tokens routed
@@ -212,7 +267,8 @@ def route(
     The load follows the released `_prob_in_top_k` (Shazeer et al. 2017): with noise, the
     probability that each expert stays in the top-k, the Normal CDF of the clean logit against
     the (k+1)-th noisy logit (or the k-th for experts now in the top-k), which is differentiable;
-    without noise, or when k = Ne, the count of tokens each expert receives.
+    without noise, or when k = Ne, `_gates_to_load`: the count of tokens whose gate for the expert
+    is > 0 (a selected gate that underflows to 0 in the softmax does not count).
     """
     f = f.astype(jnp.float32)
     num_experts = w_gate.shape[-1]
@@ -223,7 +279,9 @@ def route(
         std = jax.nn.softplus(jnp.einsum("bnd,de->bne", f, w_noise)) + noise_epsilon
         logits = clean + eps * std
     top_values, top_index = jax.lax.top_k(logits, min(top_k + 1, num_experts))
-    selected = jax.nn.one_hot(top_index[..., :top_k], num_experts, dtype=bool).any(axis=-2)
+    # A comparison rather than jax.nn.one_hot: the same mask, and it exports to ONNX (whose
+    # runtimes have no boolean OneHot).
+    selected = (top_index[..., :top_k, None] == jnp.arange(num_experts)).any(axis=-2)
     gates = jax.nn.softmax(jnp.where(selected, logits, -jnp.inf), axis=-1)
     importance = jnp.sum(gates, axis=(0, 1))
     if std is not None and top_k < num_experts:
@@ -236,8 +294,9 @@ def route(
         )
         load = jnp.sum(prob, axis=(0, 1))
     else:
-        load = jnp.sum(selected, axis=(0, 1)).astype(jnp.float32)
-    return Routing(gates, top_index[..., 0].astype(jnp.int32), importance, load)
+        load = jnp.sum(gates > 0, axis=(0, 1)).astype(jnp.float32)
+    top_index = top_index.astype(jnp.int32)
+    return Routing(gates, top_index[..., :top_k], top_index[..., 0], importance, load)
 
 
 def cv_squared(x: jax.Array) -> jax.Array:
@@ -259,44 +318,82 @@ def expert_basis(b: jax.Array, w_t: jax.Array, bias: jax.Array) -> jax.Array:
     return jnp.concatenate([rows, bias[None]], axis=0)
 
 
-def expert_coordinates(f: jax.Array, gates: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    """Eq. 3-5 for all experts densely, combined with the gates, as coordinates in `expert_basis`.
+def expert_logits(f: jax.Array, a: jax.Array, b: jax.Array, *, released: bool) -> jax.Array:
+    """Attention logits of every token on every expert's tokens: [B, N, E, m] float32.
 
-    f [B, N, d]; gates [B, N, E]; expert tokens T_e = A_e B_e with a [E, m, r], b [E, r, d].
-    f T_e^T = (f B_e^T) A_e^T, so nothing of size m x d is formed. Token 0 is an attention sink:
-    it takes part in the softmax and gives no value. Returns z [B, N, E r + 1]: the gated
-    attention mass on A_e[1:] per expert, then the total mass (the coefficient of b_T).
+    Paper (Eq. 3): f . T_e[t] / sqrt d, with f T_e^T = (f B_e^T) A_e^T so nothing of size m x d
+    is formed. Released: `einsum("bc,td->bt", x, T_e)` names the channel axis twice apart, so it
+    sums each side alone: (sum_c f_c)(sum_d T_e[t, d]) / sqrt d, with sum_d T_e[t, d] =
+    A_e[t] . (B_e 1). A rank-one outer product: O(d) per token plus O(E m), no projection.
     """
+    scale = 1.0 / math.sqrt(f.shape[-1])
+    if released:
+        token_sums = jnp.einsum("emr,er->em", a.astype(jnp.float32), jnp.sum(b, axis=-1))
+        channel_sums = jnp.sum(f.astype(jnp.float32), axis=-1)
+        return channel_sums[..., None, None] * token_sums * scale
     dtype = f.dtype
     projected = jnp.einsum("bnd,erd->bner", f, b.astype(dtype))
     logits = jnp.einsum("bner,emr->bnem", projected, a.astype(dtype))
-    logits = logits.astype(jnp.float32) / math.sqrt(f.shape[-1])
-    attn = jax.nn.softmax(logits, axis=-1)[..., 1:] * gates[..., None]
+    return logits.astype(jnp.float32) * scale
+
+
+def expert_coordinates(logits: jax.Array, weights: jax.Array, a: jax.Array, dtype) -> jax.Array:
+    """Eq. 4-5 for all experts densely, weighted per expert, as coordinates in `expert_basis`.
+
+    logits [B, N, E, m] from `expert_logits`; weights [B, N, E] (the gates; for one expert of the
+    released combine, its selection mask). Token 0 is an attention sink: it takes part in the
+    softmax and gives no value. Returns z [B, N, E r + 1]: the weighted attention mass on
+    A_e[1:] per expert, then the total mass (the coefficient of b_T).
+    """
+    attn = jax.nn.softmax(logits, axis=-1)[..., 1:] * weights[..., None]
     attn = attn.astype(dtype)
     mixed = jnp.einsum("bnem,emr->bner", attn, a[:, 1:].astype(dtype))
     mass = jnp.sum(attn, axis=(-2, -1))[..., None]
     return jnp.concatenate([mixed.reshape(*mixed.shape[:2], -1), mass], axis=-1)
 
 
-def fuse(z_v: jax.Array, z_d: jax.Array, gram: jax.Array, fusion: str, width: int) -> jax.Array:
+def released_combine(logits: jax.Array, routing: Routing, a: jax.Array, basis: jax.Array) -> jax.Array:
+    """`SparseDispatcher.combine(expert_outputs)` without `multiply_by_gates`: [B, N, d] float32.
+
+    Each token gets log(sum over its experts with gate > 0 of exp(dz_e)) per channel, the sum
+    in float32 and an exact zero replaced by numpy's float eps before the log, as released. Not
+    linear, so the k selected experts' adjustments are formed d-wide (one slot at a time).
+    """
+    num_experts = logits.shape[2]
+    total = jnp.zeros((*logits.shape[:2], basis.shape[-1]), jnp.float32)
+    for slot in range(routing.top.shape[-1]):
+        expert = routing.top[..., slot]
+        one_hot = jax.nn.one_hot(expert, num_experts, dtype=jnp.float32)
+        dispatched = jnp.take_along_axis(routing.gates, expert[..., None], axis=-1) > 0
+        z = expert_coordinates(logits, one_hot, a, jnp.float32)
+        dz = jnp.einsum("bnk,kd->bnd", z, basis.astype(jnp.float32))
+        total = total + jnp.where(dispatched, jnp.exp(dz), 0.0)
+    return jnp.log(jnp.where(total == 0, _RELEASED_COMBINE_FLOOR, total))
+
+
+def fuse(z_v: jax.Array, z_d: jax.Array, gram: jax.Array | None, fusion: str, width: int) -> jax.Array:
     """Eq. 6 ('attention'), the released diagonal form ('diagonal'), or addition ('add').
 
     On coordinates z [B, N, K] in the expert basis U, with gram = U U^T [K, K]: the dot product
     of two adjustments is z_v gram z_d^T, so the N x N attention costs K, not d, per entry.
+    gram None: z are the d-wide adjustments themselves.
     """
     if fusion == "add":
         return z_v + z_d
     scale = 1.0 / math.sqrt(width)
-    gram = gram.astype(z_v.dtype)
+
+    def metric(z):
+        return z if gram is None else jnp.einsum("bnk,kl->bnl", z, gram.astype(z.dtype))
+
     if fusion == "attention":
         # Visual adjustments query the whole depth adjustment map.
-        query = jnp.einsum("bnk,kl->bnl", z_v, gram)
+        query = metric(z_v)
         logits = jnp.einsum("bnl,bml->bnm", query, z_d).astype(jnp.float32) * scale
         weights = jax.nn.softmax(logits, axis=-1).astype(z_d.dtype)
         return jnp.einsum("bnm,bmk->bnk", weights, z_d)
     # Released: depth queries visual, and only the diagonal weight of each token is kept,
     # F_n = softmax_m(dz_d,n . dz_v,m / sqrt d)[n] * dz_v,n.
-    query = jnp.einsum("bnk,kl->bnl", z_d, gram)
+    query = metric(z_d)
     logits = jnp.einsum("bnl,bml->bnm", query, z_v).astype(jnp.float32) * scale
     diagonal = jnp.einsum("bnl,bnl->bn", query, z_v).astype(jnp.float32) * scale
     weight = jnp.exp(diagonal - jax.nn.logsumexp(logits, axis=-1))
@@ -380,33 +477,54 @@ class SpectralMoE(nnx.Module):
 
         routings = []
         no_expert = jnp.zeros((batch, tokens), jnp.int32)
+        # The released combine of k >= 2 experts is per-channel log-sum-exp: d-wide adjustments.
+        wide = c.released and c.routed and c.top_k > 1
+
+        # The router, the experts and the fusion are recomputed in the backward: their float32
+        # elementwise work over [B, N, E], [B, N, E, m] and [B, N, N] would otherwise be saved
+        # per layer, dozens of stacked residuals of the ViT's scan (GiBs), each zero-filled,
+        # written and read back (copies in the GPU program, issue 20), for a recomputation of
+        # under 1% of the step's FLOPs.
+        gating = jax.checkpoint(functools.partial(route, top_k=c.top_k, p=c.gate_p,
+                                                  noise_epsilon=c.noise_epsilon))
+        fusion = jax.checkpoint(fuse, static_argnums=(3, 4))
+
+        @jax.checkpoint
+        def experts(f, gates):
+            """Eq. 3-5 for every expert (or the released logits), combined with the gates; with
+            k = 1 also the released combine: its gates are exactly 1 and log(exp(dz)) = dz."""
+            return expert_coordinates(expert_logits(f, a, b, released=c.released), gates, a,
+                                      dtype)
+
+        @jax.checkpoint
+        def released_experts(f, routing):
+            logits = expert_logits(f, a, b, released=True)
+            return released_combine(logits, routing, a, basis).astype(dtype)
 
         def adjust(f, gate, eps):
             if not c.routed:
-                return expert_coordinates(f, jnp.ones((batch, tokens, 1)), a, b), no_expert
-            routing = route(
-                f,
-                _at_layer(self.w_gate[...], layer_index)[gate],
-                _at_layer(self.w_noise[...], layer_index)[gate],
-                top_k=c.top_k,
-                p=c.gate_p,
-                noise_epsilon=c.noise_epsilon,
-                eps=eps,
-            )
+                return experts(f, jnp.ones((batch, tokens, 1))), no_expert
+            routing = gating(f, _at_layer(self.w_gate[...], layer_index)[gate],
+                             _at_layer(self.w_noise[...], layer_index)[gate], eps=eps)
             routings.append(routing)
-            return expert_coordinates(f, routing.gates, a, b), routing.expert
+            if wide:
+                return released_experts(f, routing), routing.expert
+            return experts(f, routing.gates), routing.expert
 
         f_in = f_v.astype(dtype)
         z_v, expert_v = adjust(f_in, 0, eps_v)
         expert_d = no_expert
         if c.depth:
             z_d, expert_d = adjust(f_d.astype(dtype), c.num_gates - 1, eps_d)
-            fused = fuse(z_v, z_d, basis @ basis.T, c.fusion, c.width)
+            fused = fusion(z_v, z_d, None if wide else basis @ basis.T, c.fusion, c.width)
         else:
             fused = z_v
-        # Eq. 7, MLP(F + f_v) = MLP(f_v) + z (U W), the fused adjustment never widened to d.
-        widen = (basis @ self.mlp_delta_f.kernel[...]).astype(dtype)
-        delta = self.mlp_delta_f(f_in) + jnp.einsum("bnk,kd->bnd", fused, widen)
+        if wide:
+            delta = self.mlp_delta_f(f_in + fused)
+        else:
+            # Eq. 7, MLP(F + f_v) = MLP(f_v) + z (U W), the fused adjustment never widened to d.
+            widen = (basis @ self.mlp_delta_f.kernel[...]).astype(dtype)
+            delta = self.mlp_delta_f(f_in) + jnp.einsum("bnk,kd->bnd", fused, widen)
         f_out = f_v + (self.scale[...] * delta).astype(f_v.dtype)
 
         terms = [cv_squared(getattr(r, term)) for r in routings for term in c.balance_terms]

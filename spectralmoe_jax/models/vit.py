@@ -360,9 +360,13 @@ class Attention(nnx.Module):
         if cfg.qkv_bias:
             bias = self.qkv.bias[...]
             if cfg.mask_k_bias:  # dinov3 LinearKMaskedBias: bias * [1, 0, 1] over (q, k, v)
-                bias = bias.at[cfg.width:2 * cfg.width].set(0.0)
+                # (a product, as dinov3's, rather than a scatter: this exports to ONNX)
+                bias = bias * np.repeat(np.array([1, 0, 1], bias.dtype), cfg.width)
             qkv = qkv + bias.astype(dtype)
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=cfg.num_heads)
+        # Slices of the [B, N, 3, H, Dh] view, not a leading q/k/v axis: moving that axis to the
+        # front is a transpose of every block's qkv (and of its gradient) in the GPU program.
+        qkv = qkv.reshape(*qkv.shape[:-1], 3, cfg.num_heads, cfg.width // cfg.num_heads)
+        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         if rope is not None:
             interleaved = cfg.rope_kind == "eva"
             q = rope_lib.apply_rope(q, *rope, num_prefix, interleaved=interleaved)

@@ -1,9 +1,10 @@
 """The train state and the pure, jitted training step.
 
-`train_step(state, frozen, rest, batch) -> (state, metrics)` is one XLA program: the forward of both
+`train_step(state, frozen, batch) -> (state, metrics)` is one XLA program: the forward of both
 backbones, the adapter, the decoder, the Hungarian matching and the losses, the backward through
 the trainable parameters only, and the AdamW update. Frozen weights are an argument, not part of
-the state: they are never differentiated, never updated and carry no optimiser state.
+the state: they are never differentiated, never updated and carry no optimiser state. Variables
+the forward updates (BatchNorm running statistics of a neck) travel in the state as `stats`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class TrainState:
     params: Any           # trainable parameters (nnx.State)
     opt_state: Any        # optax state of `params`
     rng: jax.Array        # base key; step keys are fold_in(rng, step), so a resume replays them
+    stats: Any            # non-parameter variables the forward updates (nnx.State; often empty)
 
 
 def tree_select(predicate: jax.Array, on_true, on_false):
@@ -32,17 +34,13 @@ def tree_select(predicate: jax.Array, on_true, on_false):
 
 
 def make_loss_fn(graphdef, *, num_classes: int, loss_config, ignore_index: int = 255):
-    """(params, frozen, rest, batch, rng) -> (loss, metrics): the objective of the step."""
+    """(params, frozen, stats, batch, rng) -> (loss, (metrics, stats)): the objective of the
+    step, and the non-parameter variables as the forward left them."""
 
-    def loss_fn(params, frozen, rest, batch, rng):
+    def loss_fn(params, frozen, stats, batch, rng):
         noise_rng, point_rng = jax.random.split(rng)
-        model = nnx.merge(graphdef, params, frozen, rest)
-        if jax.tree.leaves(nnx.state(model, nnx.BatchStat)):
-            # The step returns only the trainable state: running statistics updated in the
-            # forward would be dropped, and evaluation would use their initial values.
-            raise NotImplementedError(
-                "the model has BatchNorm running statistics (model.neck='clip_fpn'), which this "
-                "train step does not carry yet; train with model.neck='resize'")
+        # Fresh variables (copy): the forward updates the statistics inside this trace.
+        model = nnx.merge(graphdef, params, frozen, stats, copy=True)
         outputs = model(batch["image"], train=True, rng=noise_rng)
         targets = semantic_to_targets(batch["label"], num_classes, ignore_index=ignore_index)
         decoder_loss, metrics = mask2former_loss(outputs, targets, point_rng, loss_config)
@@ -52,7 +50,7 @@ def make_loss_fn(graphdef, *, num_classes: int, loss_config, ignore_index: int =
         metrics = {k: v[-1] if v.ndim else v for k, v in metrics.items()}
         metrics = dict(metrics, loss=loss, decoder_loss=decoder_loss,
                        balance_loss=outputs["balance_loss"])
-        return loss, metrics
+        return loss, (metrics, jax.lax.stop_gradient(nnx.state(model, nnx.Not(nnx.Param))))
 
     return loss_fn
 
@@ -63,10 +61,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, num_classes: 
     loss_fn = make_loss_fn(graphdef, num_classes=num_classes, loss_config=loss_config,
                            ignore_index=ignore_index)
 
-    def train_step(state: TrainState, frozen, rest, batch):
+    def train_step(state: TrainState, frozen, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, frozen, rest, batch, rng)
+        (loss, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, frozen, state.stats, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # A non-finite loss must not poison the state: keep the old one; the loop stops on it.
@@ -75,12 +73,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, num_classes: 
         new_state = state.replace(
             step=state.step + 1,
             params=tree_select(finite, params, state.params),
-            opt_state=tree_select(finite, opt_state, state.opt_state))
+            opt_state=tree_select(finite, opt_state, state.opt_state),
+            stats=tree_select(finite, stats, state.stats))
         return new_state, metrics
 
     return train_step
 
 
-def init_train_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def init_train_state(params, tx: optax.GradientTransformation, seed: int,
+                     stats=None) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)))
+                      rng=jax.random.key_data(jax.random.key(seed)),
+                      stats=nnx.State({}) if stats is None else stats)

@@ -27,6 +27,12 @@ class NonFiniteLossError(UserError, FloatingPointError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 
 
+def trained_item(state) -> dict:
+    """What evaluation needs of a run: the trained parameters and the statistics they keep, as
+    plain nested dicts (the checkpoint's `trained` item)."""
+    return {"params": nnx.to_pure_dict(state.params), "stats": nnx.to_pure_dict(state.stats)}
+
+
 class Training:
     """Everything a run holds: built once, then `run()` loops. Tests drive it step by step.
 
@@ -51,9 +57,9 @@ class Training:
                             f"{jax.process_count()} processes")
 
         # --- Model and optimiser -----------------------------------------------------------
-        self.graphdef, params, self.frozen, self.rest = split_model(model)
+        self.graphdef, params, self.frozen, stats = split_model(model)
         self.tx, self.schedule = make_optimizer(tc, params)
-        state = init_train_state(params, self.tx, run.seed)
+        state = init_train_state(params, self.tx, run.seed, stats)
         self.state_sharding = jax.tree.map(lambda _: mesh_lib.replicated(mesh), state)
 
         # --- Input pipeline ------------------------------------------------------------------
@@ -65,13 +71,14 @@ class Training:
         # --- Resume --------------------------------------------------------------------------
         template = jax.tree.map(np.asarray, state)
         restored = self.checkpointer.restore(
-            params=nnx.to_pure_dict(template.params),
+            trained=trained_item(template),
             train={"step": template.step, "opt_state": template.opt_state, "rng": template.rng})
         if restored is not None:
-            train = restored["train"]
-            params = template.params
-            nnx.replace_by_pure_dict(params, restored["params"])
-            state = state.replace(params=params, step=train["step"],
+            train, trained = restored["train"], restored["trained"]
+            params, stats = template.params, template.stats
+            nnx.replace_by_pure_dict(params, trained["params"])
+            nnx.replace_by_pure_dict(stats, trained["stats"])
+            state = state.replace(params=params, stats=stats, step=train["step"],
                                   opt_state=train["opt_state"], rng=train["rng"])
             if restored["data"] is not None:
                 self.iterator.set_state(restored["data"])
@@ -88,18 +95,18 @@ class Training:
     # -------------------------------------------------------------------------------------------
     def model(self):
         """The current model (trainable parameters from the state), for evaluation."""
-        return nnx.merge(self.graphdef, self.state.params, self.frozen, self.rest)
+        return nnx.merge(self.graphdef, self.state.params, self.frozen, self.state.stats)
 
     def step(self):
         """One step; returns its metrics as device arrays (not yet fetched)."""
         batch = mesh_lib.global_batch(next(self.iterator), self.mesh)
-        self.state, metrics = self.train_step(self.state, self.frozen, self.rest, batch)
+        self.state, metrics = self.train_step(self.state, self.frozen, batch)
         return metrics
 
     def save(self, metrics: dict | None = None):
         state = self.state
         self.checkpointer.save(
-            int(state.step), params=nnx.to_pure_dict(state.params),
+            int(state.step), trained=trained_item(state),
             train={"step": state.step, "opt_state": state.opt_state, "rng": state.rng},
             data=self.iterator.get_state(), metrics=metrics)
 

@@ -36,8 +36,11 @@ class Mask2FormerConfig:
     # DepthForge's released head: its Dynamic Query Correction Module adds a gated fusion of
     # all levels to the stride-4 map before the pixel decoder (`query_correction.py`).
     query_correction: bool = False
-    # Decoder attention kernel, `models.attention`: None / "xla", "cudnn" or "auto".
-    attention_implementation: str | None = None
+    # Decoder attention kernel, `models.attention`: None / "xla", "cudnn" or "auto" (cuDNN flash
+    # attention for bf16 on a GPU, XLA elsewhere). On an H100 cuDNN halves the train step's
+    # transposes: XLA's batched matmuls over (batch, heads) need heads-major copies of every
+    # operand and gradient (docs/benchmarks.md, issue 20).
+    attention_implementation: str | None = "auto"
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     def __post_init__(self):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spectralmoe_jax.models import resize
 from spectralmoe_jax.models.mask2former import initializers
 
 
@@ -34,7 +35,7 @@ def layer_norm(dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 def resize_bilinear(x, shape):
     """F.interpolate(mode="bilinear", align_corners=False) without antialiasing, to `shape`."""
-    return jax.image.resize(x, shape, method="linear", antialias=False)
+    return resize.resize_bilinear(x, shape)
 
 
 class FFN(nnx.Module):

@@ -1,9 +1,9 @@
 """Input pipeline throughput: tiles/s of the augmented training pipeline on synthetic GeoTIFFs.
 
-    python scripts/bench_input.py --num_tiles 32 --batches 8 --workers 0 2
+    python scripts/benchmark.py --parts input --input-tiles 32 --input-batches 8 --input-workers 0 2
 
 Writes `num_tiles` random 512x512 uint8 GeoTIFFs (4 bands, FLAIR-like: zstd-compressed like the
-FLAIR files, or `--compress none`) with block labels into a temporary folder, then times the
+FLAIR files, or `compress=None`) with block labels into a temporary folder, then times the
 released FLAIR augmentation (random short-edge resize 0.6-1.2 x 512, crop 512 with
 cat_max_ratio 0.75, flip, photometric distortion, normalisation) for each worker count. The
 GPU step we aim for takes 8 tiles per 60 ms, i.e. 133 tiles/s. Prints JSON.
@@ -11,20 +11,13 @@ GPU step we aim for takes 8 tiles per 60 ms, i.e. 133 tiles/s. Prints JSON.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import rasterio
 from affine import Affine
-
-if __package__ in (None, ""):  # run as a file from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spectralmoe_jax.data import benchmarks, pipeline, sources, transforms
 
@@ -112,20 +105,8 @@ def run(num_tiles: int = 32, bands: int = 4, size: int = 512, batch_size: int = 
     return result
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num_tiles", type=int, default=32)
-    parser.add_argument("--bands", type=int, default=4)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--compress", default="zstd", help="GeoTIFF compression, or 'none'")
-    args = parser.parse_args()
-    print(json.dumps(run(args.num_tiles, args.bands, args.size, args.batch_size,
-                         tuple(args.workers), args.batches,
-                         None if args.compress == "none" else args.compress), indent=2))
-
-
-if __name__ == "__main__":
-    main()
+def run_part(ctx) -> dict:
+    """The harness's 'input' part: the crop, batch and bands of the run's config."""
+    o = ctx.options
+    return run(num_tiles=o.input_tiles, bands=ctx.model.vfm.config.in_channels, size=ctx.size,
+               batch_size=ctx.batch, workers=tuple(o.input_workers), batches=o.input_batches)
