@@ -221,7 +221,7 @@ def test_routing_maps_are_the_models_top1_experts_georeferenced(model_and_run, t
             rasterio.open(scene) as image:
         maps = src.read()
         assert maps.shape == (blocks, SIZE // patch, SIZE // patch)
-        assert src.crs == image.crs and src.transform == image.transform * Affine.scale(patch)
+        assert src.crs == image.crs and src.transform == image.transform @ Affine.scale(patch)
     assert maps.max() < model.adapter.config.num_experts
     # The scene (96 px) fits one window (128): the maps are the model's on the whole image.
     reader_input = SceneInput.from_spec(run.data)

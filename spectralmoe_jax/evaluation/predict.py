@@ -191,7 +191,7 @@ def write_routing_maps(model, path: str, dst_path: str, scene_input: SceneInput,
         profile = dict(driver="GTiff", width=width, height=height, count=maps.shape[0],
                        dtype="uint8", compress="deflate", nodata=NO_EXPERT)
         if reader.georeferenced:
-            profile.update(crs=reader.crs, transform=reader.transform * Affine.scale(patch))
+            profile.update(crs=reader.crs, transform=reader.transform @ Affine.scale(patch))
         with rasterio.open(dst_path, "w", **profile) as dst:
             dst.write(maps)
             for layer in range(maps.shape[0]):
