@@ -14,7 +14,7 @@ import ml_collections
 
 from spectralmoe_jax.models.mask2former import Mask2FormerConfig
 from spectralmoe_jax.models.spectral_moe import AdapterConfig
-from spectralmoe_jax.models.vit import ViTConfig
+from spectralmoe_jax.models.vit import PRESETS, ViTConfig
 from spectralmoe_jax.run_config import (TABLE3_METHODS, CompareConfig, EvalConfig, ExportConfig,
                                         LossConfig, MeshConfig, PredictConfig, TrainConfig,
                                         WeightsConfig, section_config)
@@ -37,13 +37,16 @@ def vfm_config(preset: str = "dinov3_vitl16", **overrides) -> ml_collections.Con
 ViT_FIELDS = tuple(ViTConfig.__dataclass_fields__)
 
 
-def depth_config(bands=(0, 1, 2), preset: str = "promptda_vitl16", **overrides):
+def depth_config(bands=None, preset: str = "promptda_vitl16", **overrides):
     """PromptDA's encoder as released: its patch-14 kernel and 37x37 position table are resized
     on load to patch 16 and 32x32 (preset promptda_vitl16), so depth tokens align one to one with
     DINOv3's. `preset='promptda_vitl14'` runs it at native patch 14 (depth grid resized instead)."""
     cfg = vfm_config(preset, **overrides)
     cfg.enabled = True
-    cfg.bands = tuple(bands)      # which input bands feed the depth encoder as R, G, B
+    # Which input bands feed the depth encoder as R, G, B; None: config.data.rgb_bands.
+    cfg.bands = ml_collections.config_dict.placeholder(tuple)
+    if bands is not None:
+        cfg.bands = tuple(bands)
     return cfg
 
 
@@ -66,13 +69,14 @@ def base_config(data: ml_collections.ConfigDict, *, num_steps: int,
     config.data = data
     config.model = ml_collections.ConfigDict(dict(
         dtype="bfloat16",
-        vfm=vfm_config(vfm, in_channels=len(data.bands)),
-        depth=depth_config(bands=data.get("rgb_bands") or (0, 1, 2)),
+        vfm=vfm_config(vfm),  # in_channels None: the number of config.data.bands
+        depth=depth_config(),
         adapter=adapter_config(),
         decoder=decoder_config(),
         # VFM blocks feeding the decoder; None: the released 7, 11, 15, 23 scaled to the depth.
         feature_layers=ml_collections.config_dict.placeholder(tuple),
-        wavelengths=tuple(data.get("wavelengths") or ()),  # per band, um: DOFA needs them
+        # Per band, um: DOFA needs them; None: config.data.wavelengths.
+        wavelengths=ml_collections.config_dict.placeholder(tuple),
         checkpoint="",          # trained adapter + head: released .pth or `--mode convert` output
         convert_target="vfm",   # `--mode convert` of a foundation-model file: 'vfm' or 'depth'
         neck="resize",          # 'clip_fpn': the released CLIP wrapper's trained pyramid
@@ -128,6 +132,14 @@ def _method_fields() -> dict[str, object]:
             "decoder.query_correction": False}
 
 
+# Model sizes as variants (`configs/flair.py:vits`): the ViT size fields of the standard sizes,
+# applied to the VFM and the depth encoder whatever their family (the adapter follows the VFM).
+SIZE_FIELDS = ("width", "depth", "num_heads", "mlp_dim")
+SIZES = {name: {k: PRESETS[preset][k] for k in SIZE_FIELDS}
+         for name, preset in (("vits", "dinov2_vits14"), ("vitb", "dinov2_vitb14"),
+                              ("vitl", "dinov2_vitl14"))}
+
+
 def apply_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
     """`config` with one of METHODS: SpectralMoE, the frozen baseline, a compared method or a
     Table 4 ablation; whatever method `config` had before."""
@@ -139,17 +151,71 @@ def apply_method(config: ml_collections.ConfigDict, method: str) -> ml_collectio
     return config
 
 
+def apply_size(config: ml_collections.ConfigDict, sizes: dict) -> ml_collections.ConfigDict:
+    """The VFM and the depth encoder at `sizes` (width, depth, heads, MLP): the adapter pairs
+    their blocks one to one, so both change together."""
+    for part in (config.model.vfm, config.model.depth):
+        part.overrides.update(sizes)
+    return config
+
+
 def parse_variant(arg: str | None) -> str:
     return (arg or "spectralmoe").strip() or "spectralmoe"
+
+
+def variant_kinds() -> list[tuple[str, str]]:
+    """What `configs/NAME.py:VARIANT` takes: (kind, the words and what they do)."""
+    return [("methods", f"{', '.join(METHODS)} (the paper's Tables 3 and 4, docs/methods.md)"),
+            ("sizes", f"{', '.join(SIZES)}: the VFM and the depth encoder at ViT-S / B / L "
+                      "width, depth, heads and MLP"),
+            ("presets", "a ViT preset as the VFM, the depth encoder at its size: "
+                        f"{', '.join(sorted(PRESETS))}")]
+
+
+def variant_help(indent: str = "") -> str:
+    """`variant_kinds`, wrapped, one kind a paragraph (--help)."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(f"{kind + ':':<9}{text}", width=96, initial_indent=indent,
+                                   subsequent_indent=indent + " " * 9)
+                     for kind, text in variant_kinds())
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str | None
+                  ) -> ml_collections.ConfigDict:
+    """`variant`: comma-separated words, at most one of each kind, e.g. 'rein,vits':
+      a method (METHODS), a size (SIZES: 'vits', 'vitb', 'vitl'), or a ViT preset name, which
+      becomes the VFM (and sizes the depth encoder like it).
+    A preset is applied before a size, so 'dinov2_vitl14,vits' is DINOv2 at ViT-S size."""
+    words = [w.strip() for w in (variant or "").split(",") if w.strip()]
+    kinds = {"method": [w for w in words if w in METHODS],
+             "size": [w for w in words if w in SIZES],
+             "preset": [w for w in words if w in PRESETS]}
+    unknown = [w for w in words if not any(w in found for found in kinds.values())]
+    if unknown:
+        known = "; ".join(f"{kind} {text}" for kind, text in variant_kinds())
+        raise ValueError(f"unknown variant {', '.join(map(repr, unknown))}; known {known}")
+    for kind, found in kinds.items():
+        if len(found) > 1:
+            raise ValueError(f"variant {variant!r} names {len(found)} {kind}s {found}: at most one")
+    if kinds["preset"]:
+        preset = kinds["preset"][0]
+        config.model.vfm.preset = preset
+        config.model.vfm.overrides.update({k: None for k in SIZE_FIELDS})
+        config.model.depth.overrides.update({k: PRESETS[preset][k] for k in SIZE_FIELDS})
+    if kinds["size"]:
+        apply_size(config, SIZES[kinds["size"][0]])
+    return apply_method(config, kinds["method"][0] if kinds["method"] else "spectralmoe")
 
 
 def benchmark_config(benchmark: str, variant: str | None, *, num_steps: int,
                      vfm: str = "dinov3_vitl16", num_experts: int = 6,
                      batch_size: int = 8) -> ml_collections.ConfigDict:
-    """One of the paper's benchmarks (data/benchmarks.py) with the released recipe and a method."""
+    """One of the paper's benchmarks (data/benchmarks.py) with the released recipe, and the
+    variant's method, size and VFM (`apply_variant`)."""
     from spectralmoe_jax.data import benchmarks
 
     config = base_config(benchmarks.get_benchmark(benchmark), num_steps=num_steps, vfm=vfm)
     config.model.adapter.num_experts = num_experts
     config.train.batch_size = batch_size
-    return apply_method(config, parse_variant(variant))
+    return apply_variant(config, variant)

@@ -8,6 +8,7 @@ this base; this module imports nothing of the package, so every layer can use it
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
 
@@ -26,3 +27,18 @@ def unknown_key(key: str, known: Iterable[str], where: str) -> str:
     hint = (f"did you mean {' or '.join(repr(n) for n in near)}?" if near
             else f"known keys: {', '.join(known)}")
     return f"unknown config key {where}.{key}; {hint}"
+
+
+# The environment, not the code: a full disk or quota, a read-only or forbidden path.
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def environment_message(error: BaseException) -> str | None:
+    """'/runs/x/metrics.jsonl: No space left on device' for an OSError the user's machine
+    caused (anywhere in the error's chain); None for anything else (a bug keeps its trace)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
+            where = f"{error.filename}: " if error.filename else ""
+            return f"{where}{error.strerror or error}"
+        error = error.__cause__ or error.__context__
+    return None

@@ -50,24 +50,47 @@ def _mesh_and_model(run, *, trained=None, require_trained=False):
 
 
 def start_training(run, workdir: str):
-    """A run's `Training`: the data checked, the mesh, the model with its weights, the
-    optimiser and the state resumed from the workdir's checkpoints."""
-    from spectralmoe_jax.data.validate import validate_dataset
-    from spectralmoe_jax.training.trainer import Training
+    """A run's `Training`: the workdir locked, the data checked, the workdir's run compared with
+    this one, the mesh, the model with its weights, the optimiser and the state resumed from the
+    workdir's checkpoints. The caller ends it with `Training.close()`, also after an error."""
+    import jax
 
-    if run.train.validate_data:
-        # Bad input is found before anything is written. A quick check (headers, a sample of
-        # tiles); `--mode validate` reads every pixel.
-        validate_dataset(run.data, read_pixels=False, max_tiles=256)
-    mesh, built = _mesh_and_model(run)
-    return Training(run, workdir, built.model, mesh)
+    from spectralmoe_jax.data.spec import DataError
+    from spectralmoe_jax.data.validate import validate_dataset
+    from spectralmoe_jax.io.workdir import WorkdirLock
+    from spectralmoe_jax.training.trainer import Training, check_workdir_config
+
+    if "source" not in run.data.splits:
+        raise DataError("training reads config.data.splits.source, which this config leaves "
+                        "out (or its glob is empty): set --config.data.splits.source.glob")
+    need_normalization(run)
+    # One trainer per workdir, from before anything is read or written.
+    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+    try:
+        if run.train.validate_data:
+            # Bad input is found before anything is written: every tile's header, and the part
+            # of each file that shows truncation; `--mode validate` reads every pixel.
+            report = validate_dataset(run.data, read_pixels=False, num_threads=8,
+                                      raise_errors=False)
+            if not report.ok:
+                raise DataError(f"{report.one_line()} (found before training; --mode validate "
+                                "lists every problem)")
+        check_workdir_config(run, workdir)
+        mesh, built = _mesh_and_model(run)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return Training(run, workdir, built.model, mesh, lock=lock)
 
 
 def train(run, paths: Paths):
     workdir = paths.need_workdir("train")
     training = start_training(run, workdir)
-    last = training.run(evaluate_fn=_evaluate_in(run, workdir))
-    training.close()
+    try:
+        last = training.run(evaluate_fn=_evaluate_in(run, workdir))
+    finally:
+        training.close()
     print(json.dumps({"final_train": last}, indent=2))
     return training
 
@@ -87,18 +110,35 @@ def _evaluate_in(run, workdir: str, evaluator=None):
 
 def _trained_source(run, paths: Paths) -> str | None:
     """--checkpoint, else `model.checkpoint`, else the workdir's checkpoints."""
+    from spectralmoe_jax.training.trainer import has_checkpoints
+
     if paths.checkpoint or run.model.checkpoint:
-        return paths.checkpoint or run.model.checkpoint
-    if paths.workdir and os.path.isdir(os.path.join(paths.workdir, "checkpoints")):
+        source = paths.checkpoint or run.model.checkpoint
+        if not os.path.exists(source):
+            raise UserError(f"trained weights {source} do not exist (--checkpoint or config "
+                            "model.checkpoint)")
+        return source
+    if paths.workdir and has_checkpoints(paths.workdir):
         return paths.workdir
     return None
 
 
+def need_normalization(run) -> None:
+    """Training and inference on values that were never normalised is a silent failure."""
+    if not run.data.normalization_given:
+        raise UserError(
+            "config.data.mean and config.data.std are not set: --mode stats prints them for "
+            "your tiles as flags (for RGB 0-255 tiles ImageNet's are (123.675, 116.28, 103.53) "
+            "and (58.395, 57.12, 57.375)); zeros and ones feed the raw values")
+
+
 def _inference_model(run, paths: Paths, mode: str):
+    need_normalization(run)
     source = _trained_source(run, paths)
     if source is None and not run.eval.allow_untrained:
-        raise UserError(f"--mode {mode}: no trained weights: give --checkpoint (a run's workdir, "
-                        "a step folder, a converted folder or a released .pth), or "
+        where = f" (workdir {paths.workdir} holds no checkpoint)" if paths.workdir else ""
+        raise UserError(f"--mode {mode}: no trained weights{where}: give --checkpoint (a run's "
+                        "workdir, a step folder, a converted folder or a released .pth), or "
                         "--config.eval.allow_untrained=True to use the untrained model")
     _, built = _mesh_and_model(run, trained=source)
     if source is None:
@@ -125,9 +165,25 @@ def predict(run, paths: Paths):
 
     if not paths.input:
         raise UserError("--mode predict needs --input: a GeoTIFF / PNG scene or a folder of them")
+    if run.data.format in ("hdf5", "npy"):
+        raise UserError(f"--mode predict reads scenes (GeoTIFF, PNG, JPEG); config.data.format "
+                        f"{run.data.format!r} tiles are not scenes: --mode eval scores them and "
+                        "draws their predictions in its report")
+    _check_scene(run, paths.input)
     built = _inference_model(run, paths, "predict")
     return predict_paths(built.model, run, paths.input,
                          fresh(paths.output_in("predict", "predictions")))
+
+
+def _check_scene(run, path: str) -> None:
+    """Before the model is built: the input exists and, for one GeoTIFF, holds the bands."""
+    from spectralmoe_jax.data import readers
+
+    if not os.path.exists(path):
+        raise UserError(f"--input {path}: no such file or folder")
+    if os.path.isfile(path) and path.lower().endswith(readers.GEOTIFF_EXTENSIONS):
+        info = readers.raster_info(path, dataclasses.replace(run.data, format="geotiff"))
+        readers.check_band_count(path, info.count, run.data)
 
 
 def export(run, paths: Paths):
@@ -139,10 +195,13 @@ def export(run, paths: Paths):
 
 
 def validate(run, paths: Paths):
+    from spectralmoe_jax.data.spec import DataError
     from spectralmoe_jax.data.validate import validate_dataset
 
-    report = validate_dataset(run.data)
+    report = validate_dataset(run.data, raise_errors=False)
     print(report)
+    if not report.ok:
+        raise DataError(f"{report.one_line()} (all listed above)")
     return report
 
 
@@ -164,7 +223,7 @@ def stats(run, paths: Paths):
     """Per-band statistics of the training split, printed as a config snippet to paste."""
     import numpy as np
 
-    from spectralmoe_jax.data.stats import config_snippet, dataset_stats
+    from spectralmoe_jax.data.stats import command_line_flags, config_snippet, dataset_stats
 
     result = dataset_stats(run.data, "source")
     out = paths.output or paths.need_workdir("stats")
@@ -172,7 +231,26 @@ def stats(run, paths: Paths):
     with open(os.path.join(out, "stats.json"), "w") as f:
         json.dump(result, f, indent=2, default=lambda x: np.asarray(x).tolist())
     print(config_snippet(result))
+    print(f"# as flags:\n{command_line_flags(result)}")
     return result
+
+
+def config(run, paths: Paths):
+    """Every field of the config: its value, what the run makes of a None, a one-line doc.
+    `run` may be the ConfigDict itself: its fields are printed even when it does not parse,
+    and the error follows."""
+    from spectralmoe_jax import config_doc
+    from spectralmoe_jax.run_config import RunConfig, parse
+
+    source = run.source if isinstance(run, RunConfig) else run
+    try:
+        parsed = parse(run)
+    except UserError:
+        print(config_doc.describe(source))
+        raise
+    text = config_doc.describe(source, parsed)
+    print(text)
+    return text
 
 
 def demo(run, paths: Paths):
@@ -183,17 +261,19 @@ def demo(run, paths: Paths):
 
     workdir = paths.need_workdir("demo")
     training = start_training(run, workdir)
-    evaluator = Evaluator(run)
-    evaluate = _evaluate_in(run, workdir, evaluator)
-    before = None
-    if int(training.state.step) == 0:
-        before = evaluate(training.model(), 0)
-        training.writer.write(0, before, kind="eval")
-    training.run(evaluate_fn=evaluate)
-    model, step = training.model(), int(training.state.step)
-    after = evaluate(model, step, report=run.eval.report)
-    training.writer.write(step, after, kind="eval")
-    training.close()
+    try:
+        evaluator = Evaluator(run)
+        evaluate = _evaluate_in(run, workdir, evaluator)
+        before = None
+        if int(training.state.step) == 0:
+            before = evaluate(training.model(), 0)
+            training.writer.write(0, before, kind="eval")
+        training.run(evaluate_fn=evaluate)
+        model, step = training.model(), int(training.state.step)
+        after = evaluate(model, step, report=run.eval.report)
+        training.writer.write(step, after, kind="eval")
+    finally:
+        training.close()
     source = evaluator.source
     tiles = [path for path in map(source.path, range(len(source))) if os.path.isfile(path)]
     predict_paths(model, run, tiles, os.path.join(workdir, "predictions"))

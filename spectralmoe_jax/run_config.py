@@ -49,11 +49,11 @@ class TrainConfig:
     """The released optimisation recipe (SPEC 2) and the loop's schedule."""
     batch_size: int = 8  # global batch, split over processes and the mesh's data axis
     num_steps: int = 80000  # AdamW steps
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.05
+    learning_rate: float = 1e-4  # AdamW peak learning rate
+    weight_decay: float = 0.05  # AdamW decoupled weight decay
     poly_power: float = 0.9  # mmengine PolyLR power
     warmup_steps: int = 0  # linear warm-up before the poly decay
-    end_learning_rate: float = 0.0
+    end_learning_rate: float = 0.0  # learning rate at the last step
     clip_grad_norm: float = 0.0  # 0: no clipping
     grad_accum_steps: int = 1  # micro-batches averaged per AdamW step (optax.MultiSteps)
     no_decay_keys: tuple[str, ...] = NO_DECAY_KEYS  # parameter-path substrings without decay
@@ -63,6 +63,17 @@ class TrainConfig:
     keep_checkpoints: int = 3  # latest checkpoints kept (plus the best by mIoU)
     validate_data: bool = True  # check every tile's header before the first step
     tensorboard: bool = True  # TensorBoard event files beside metrics.jsonl
+    # A workdir holding a different run (another model, data or loss: `RunConfig.identity`, or
+    # another parameter tree) is refused; with restart=True that run is moved into
+    # workdir/previous_run and this one starts from step 0. A workdir holding this same run
+    # resumes either way (a relaunched job loses nothing).
+    restart: bool = False
+
+    def __post_init__(self):
+        _at_least(self, 1, "batch_size", "num_steps", "grad_accum_steps", "log_every",
+                  "checkpoint_every", "keep_checkpoints")
+        _at_least(self, 0, "eval_every", "warmup_steps", "learning_rate", "weight_decay",
+                  "clip_grad_norm", "end_learning_rate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +87,13 @@ class EvalConfig:
     report: bool = True  # HTML report with panels and routing maps (eval mode)
     allow_untrained: bool = False  # eval / predict without trained weights (random adapter, head)
 
+    def __post_init__(self):
+        _one_of(self, "mode", ("whole", "slide"))
+        _at_least(self, 1, "window", "stride", "batch_size")
+        if self.mode == "slide" and self.stride > self.window:
+            raise ValueError(f"stride {self.stride} > window {self.window} would leave pixels "
+                             "uncovered")
+
 
 @dataclasses.dataclass(frozen=True)
 class PredictConfig:
@@ -88,6 +106,11 @@ class PredictConfig:
     probability_dtype: str = "uint8"  # probability bands: 'uint8' (255 p) or 'float16'
     vector: bool = False  # also polygons per class (GeoPackage)
     min_area: float = 0.0  # drop polygons smaller than this (CRS units squared)
+
+    def __post_init__(self):
+        _at_least(self, 1, "window")
+        if not 0 <= self.overlap < self.window:
+            raise ValueError(f"overlap {self.overlap} must be in [0, window={self.window})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +129,7 @@ TABLE3_METHODS = ("frozen", "lora", "adaptformer", "vpt", "set", "fada", "rein",
 @dataclasses.dataclass(frozen=True)
 class CompareConfig:
     """`--mode compare` (comparison.py): the method variants trained and evaluated alike."""
-    methods: tuple[str, ...] = TABLE3_METHODS
+    methods: tuple[str, ...] = TABLE3_METHODS  # the variants to train and evaluate, table order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,14 +147,33 @@ class WeightsConfig:
     checkpoint_prefix: str = ""  # sub-model prefix inside a larger checkpoint, e.g. 'backbone.'
     stem: str = "cyclic"  # RGB kernel to C bands: 'cyclic' (released) or 'timm' (repeat, rescale)
 
+    def __post_init__(self):
+        from spectralmoe_jax.conversion.vit import SCHEMES
+
+        _one_of(self, "stem", ("cyclic", "timm"))
+        _one_of(self, "checkpoint_scheme", ("auto", *SCHEMES))
+
+
+def _at_least(config, low, *names: str) -> None:
+    """A ValueError naming the field (run_config._build makes it a ConfigError)."""
+    for name in names:
+        value = getattr(config, name)
+        if not value >= low:  # also catches NaN
+            raise ValueError(f"{name}={value!r} must be >= {low}")
+
+
+def _one_of(config, name: str, choices) -> None:
+    if getattr(config, name) not in choices:
+        raise ValueError(f"{name}={getattr(config, name)!r} must be one of {tuple(choices)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class BackboneSection:
     """A ViT as configured: a preset, the fields set explicitly, and its weights."""
-    preset: str
+    preset: str  # a ViT preset (models/vit.py PRESETS): family, size and layout
     overrides: Mapping[str, Any]  # ViTConfig fields set in the config (not None)
     weights: WeightsConfig
-    enabled: bool = True
+    enabled: bool = True  # False: no such backbone (depth: no depth encoder)
     bands: tuple[int, ...] = ()  # depth only: the input bands fed as R, G, B
 
     def vit(self, dtype: str, implied: Mapping[str, Any] | None = None) -> ViTConfig:
@@ -141,13 +183,13 @@ class BackboneSection:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    dtype: str
+    dtype: str  # compute dtype of every part: 'bfloat16' or 'float32'; parameters stay float32
     vfm: BackboneSection
     depth: BackboneSection
     adapter: Mapping[str, Any] | None  # AdapterConfig fields set in the config; None: no adapter
     decoder: Mapping[str, Any]  # Mask2FormerConfig fields set in the config
-    feature_layers: tuple[int, ...] | None  # None: derived from the VFM's depth
-    wavelengths: tuple[float, ...]
+    feature_layers: tuple[int, ...] | None  # blocks to the decoder; None: 7/11/15/23 of 24, scaled
+    wavelengths: tuple[float, ...]  # per input band, micrometres (DOFA); None: the data's
     checkpoint: str  # trained adapter + head: released .pth, converted folder, workdir
     convert_target: str  # `--mode convert` of a foundation-model file: 'vfm' or 'depth'
     num_classes: int
@@ -210,6 +252,56 @@ class RunConfig:
     export: ExportConfig
     source: Any  # the ConfigDict it was parsed from (saved with a run, printed by --mode config)
 
+    def to_json(self) -> dict:
+        """Every field of the source config as plain JSON values (workdir/config.json)."""
+        return as_json(self.source)
+
+    def identity(self) -> dict:
+        """What makes two runs the same run: `run_identity` of this config."""
+        return run_identity(self.to_json())
+
+
+# Config fields that say where the files are or how the run goes, not which run it is: a
+# workdir resumes with other values of these, and of every train / eval / predict / mesh field
+# (a longer schedule, a lower learning rate after a NaN stop, another device count).
+NOT_IDENTITY = {
+    "data": ("root", "tfds_data_dir", "num_workers", "value_range", "on_bad_tile"),
+    "model": ("convert_target",),
+    "model.vfm.overrides": ("attention", "remat"),
+    "model.depth.overrides": ("attention", "remat"),
+}
+# Weight files are compared by file name: a moved file is the same file.
+WEIGHT_FILES = ("model.checkpoint", "model.vfm.checkpoint", "model.depth.checkpoint")
+
+
+def as_json(config) -> dict:
+    import json
+
+    return json.loads(json.dumps(_plain(config) if config is not None else {}, default=str))
+
+
+def run_identity(config: Mapping) -> dict:
+    """The run-defining part of a config (as JSON, `RunConfig.to_json`): seed, model, loss and
+    data, without `NOT_IDENTITY` and with weight files by name. A resumed workdir must match."""
+    import copy
+    import os
+
+    out = {key: copy.deepcopy(config.get(key)) for key in ("seed", "model", "loss", "data")}
+    for where, keys in NOT_IDENTITY.items():
+        node = out
+        for part in where.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        for key in keys if isinstance(node, dict) else ():
+            node.pop(key, None)
+    for where in WEIGHT_FILES:
+        *parents, key = where.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(key):
+            node[key] = os.path.basename(os.path.normpath(str(node[key])))
+    return out
+
 
 # --- parsing -----------------------------------------------------------------------------------
 
@@ -229,13 +321,14 @@ def check_keys(section: Mapping, known, where: str) -> None:
 
 
 def _plain(value):
-    """ConfigDict -> dict, lists -> tuples (configs must stay hashable: static under jit)."""
+    """ConfigDict -> dict, lists -> tuples (configs must stay hashable: static under jit);
+    (None,), which `--config.x=None` gives for a tuple field, -> None."""
     if hasattr(value, "to_dict"):
         value = value.to_dict()
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_plain(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return None if tuple(value) == (None,) else tuple(_plain(v) for v in value)
     return value
 
 
@@ -257,7 +350,7 @@ def _section(cls, config, key: str, **extra):
     return _build(cls, {**_set(section), **extra}, key)
 
 
-def _backbone(section, where: str, *, depth: bool = False) -> BackboneSection:
+def _backbone(section, where: str, data: DatasetSpec, *, depth: bool = False) -> BackboneSection:
     check_keys(section, BACKBONE_KEYS + (("enabled", "bands") if depth else ()), where)
     preset = section.get("preset")
     if preset not in PRESETS:
@@ -270,10 +363,14 @@ def _backbone(section, where: str, *, depth: bool = False) -> BackboneSection:
     weights = _build(WeightsConfig, {k: v for k, v in _set(section).items()
                                      if k in {f.name for f in dataclasses.fields(WeightsConfig)}},
                      where)
+    overrides = _set(overrides)
+    if not depth:  # the VFM takes every selected band unless the config says otherwise
+        overrides.setdefault("in_channels", data.num_bands)
     return BackboneSection(
-        preset=preset, overrides=_set(overrides), weights=weights,
+        preset=preset, overrides=overrides, weights=weights,
         enabled=bool(section.get("enabled", True)),
-        bands=tuple(int(b) for b in (section.get("bands") or (0, 1, 2))))
+        bands=tuple(int(b) for b in (_plain(section.get("bands")) or data.rgb_bands
+                                     or (0, 1, 2))))
 
 
 def _model(config, data: DatasetSpec) -> ModelSection:
@@ -286,16 +383,17 @@ def _model(config, data: DatasetSpec) -> ModelSection:
     check_keys(decoder, [f.name for f in dataclasses.fields(Mask2FormerConfig)], "model.decoder")
     adapter_fields = _set(adapter)
     enabled = adapter_fields.pop("enabled", True)
-    layers = model.get("feature_layers")
-    adapter_layers = model.get("adapter_layers")
+    layers = _plain(model.get("feature_layers"))
+    adapter_layers = _plain(model.get("adapter_layers"))
     section = ModelSection(
         dtype=str(model.get("dtype") or "float32"),
-        vfm=_backbone(model.get("vfm") or {}, "model.vfm"),
-        depth=_backbone(model.get("depth") or {}, "model.depth", depth=True),
+        vfm=_backbone(model.get("vfm") or {}, "model.vfm", data),
+        depth=_backbone(model.get("depth") or {}, "model.depth", data, depth=True),
         adapter=adapter_fields if enabled else None,
         decoder=_set(decoder),
         feature_layers=None if layers is None else tuple(int(i) for i in layers),
-        wavelengths=tuple(float(w) for w in (model.get("wavelengths") or data.wavelengths or ())),
+        wavelengths=tuple(float(w) for w in (_plain(model.get("wavelengths")) or data.wavelengths
+                                             or ())),
         checkpoint=str(model.get("checkpoint") or ""),
         convert_target=str(model.get("convert_target") or "vfm"),
         num_classes=data.num_classes,

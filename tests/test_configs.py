@@ -18,8 +18,9 @@ BENCHMARKS = ["whu_ohs", "five_billion_pixels", "gid_cross_region", "flair", "lo
 def test_every_config_and_variant_builds(name):
     module = importlib.import_module(f"configs.{name}")
     base = module.get_config()
-    assert base.model.vfm.overrides.in_channels == len(base.data.bands)
-    assert max(base.model.depth.bands) < len(base.data.bands)
+    model = parse(base).model.segmentor()
+    assert model.vfm.in_channels == len(base.data.bands)  # derived from the data
+    assert max(model.depth_bands) < len(base.data.bands)
     kinds = {"rein", "lora", "adaptformer", "vpt", "set", "fada", "depthforge"}
     for method in config_lib.METHODS:
         config = module.get_config(method)
@@ -53,7 +54,7 @@ def test_released_recipe_numbers():
     assert config.model.adapter.num_experts == 6 and config.model.adapter.top_k == 1
     assert loveda.get_config().model.adapter.num_experts == 3
     ohs = whu_ohs.get_config()
-    assert ohs.model.vfm.preset == "dofa_vitl16" and len(ohs.model.wavelengths) == 32
+    assert ohs.model.vfm.preset == "dofa_vitl16" and len(parse(ohs).model.wavelengths) == 32
 
 
 def test_dofa_segmentor_takes_the_configured_wavelengths():
@@ -63,7 +64,7 @@ def test_dofa_segmentor_takes_the_configured_wavelengths():
     segmentor = parse(config).model.segmentor()
     model = nnx.eval_shape(lambda: Segmentor(segmentor, rngs=nnx.Rngs(0)))
     assert model.config.wavelengths == tuple(config.data.wavelengths)
-    config.model.wavelengths = config.model.wavelengths[:5]
+    config.model.wavelengths = config.data.wavelengths[:5]
     with pytest.raises(ConfigError, match="5 values.*32 bands"):
         parse(config)
 

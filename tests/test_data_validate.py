@@ -5,6 +5,8 @@ import shutil
 
 import numpy as np
 import pytest
+import rasterio
+from affine import Affine
 from PIL import Image
 
 from spectralmoe_jax.data import benchmarks, sources
@@ -50,8 +52,85 @@ def test_truncated_geotiff_is_named(tmp_path):
         f.truncate(size // 2)
     config.root = str(tmp_path)
     message = problems_of(config)
-    assert f"{truncated}: cannot read image (corrupt or truncated file?)" in message
+    expected = (f"{truncated}: truncated file: {size // 2} bytes, but its pixel data runs to "
+                f"byte {size}")
+    assert expected in message
     assert message.count("problem") == 1 and "1 problem(s)" in message
+    # The quick check before training finds it from the header alone.
+    quick = validate_dataset(config, read_pixels=False, raise_errors=False)
+    assert len(quick.problems) == 1 and expected in quick.problems[0]
+
+
+@pytest.mark.parametrize("kind", ["png", "npy", "hdf5"])
+def test_quick_check_finds_truncated_png_npy_and_hdf5_tiles(tmp_path, kind):
+    import h5py
+
+    extension = {"png": "png", "npy": "npy", "hdf5": "h5"}[kind]
+    fmt = {"png": "image", "npy": "npy", "hdf5": "hdf5"}[kind]
+    rng = np.random.default_rng(0)
+    for split_dir in ("source_dir", "target_dir"):
+        for i in range(2):
+            image = rng.integers(0, 255, (64, 64, 3)).astype(np.uint8)
+            label = rng.integers(0, 4, (64, 64)).astype(np.uint8)
+            for folder, array in (("image", image), ("label", label)):
+                path = tmp_path / split_dir / folder / f"{split_dir}_{i}.{extension}"
+                os.makedirs(path.parent, exist_ok=True)
+                if kind == "png":
+                    Image.fromarray(array).save(path)
+                elif kind == "npy":
+                    np.save(path, array)
+                else:
+                    with h5py.File(path, "w") as f:
+                        f["image" if folder == "image" else "label"] = array
+    config = data_config(tmp_path, image_ext=extension, label_ext=extension, fmt=fmt)
+    assert validate_dataset(config, read_pixels=False).ok
+    truncated = tmp_path / "target_dir" / "image" / f"target_dir_1.{extension}"
+    with open(truncated, "r+b") as f:
+        f.truncate(os.path.getsize(truncated) // 2)
+    report = validate_dataset(config, read_pixels=False, raise_errors=False)
+    assert len(report.problems) == 1 and str(truncated) in report.problems[0]
+
+
+def write_tile_pair(root, name, *, label_crs="EPSG:2154", label_shift=0.0):
+    """An image and its label; the label optionally in another CRS or shifted by pixels."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (16, 16, 3)).astype(np.uint8)
+    write_geotiff(str(root / "source_dir/image" / f"{name}.tif"), image)
+    path = str(root / "source_dir/label" / f"{name}.tif")
+    write_geotiff(path, np.zeros((16, 16), np.uint8), crs=label_crs)
+    if label_shift:
+        with rasterio.open(path, "r+") as dst:
+            dst.transform = Affine(1, 0, 1000 + label_shift, 0, -1, 2000)
+    return path
+
+
+def test_image_and_label_must_agree_on_crs_and_transform(tmp_path):
+    write_split(str(tmp_path), "target_dir", 1)
+    good = write_tile_pair(tmp_path, "good")
+    other_crs = write_tile_pair(tmp_path, "other_crs", label_crs="EPSG:32631")
+    shifted = write_tile_pair(tmp_path, "shifted", label_shift=3.0)
+    # A label in a local CRS named as its image's projection (FLAIR's masks) is the same CRS.
+    local = write_tile_pair(tmp_path, "local", label_crs='LOCAL_CS["RGF93 v1 / Lambert-93",'
+                            'UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]')
+    report = validate_dataset(data_config(tmp_path), read_pixels=False, raise_errors=False)
+    text = "\n".join(report.problems)
+    assert len(report.problems) == 2, text
+    assert f"image CRS is EPSG:2154 but its label {other_crs} is in EPSG:32631" in text
+    assert f"its label {shifted} have different transforms" in text
+    assert good not in text and local not in text
+
+
+def test_tiles_in_different_crss_are_legal_and_reported_per_domain(tmp_path):
+    write_split(str(tmp_path), "source_dir", 2)
+    write_split(str(tmp_path), "target_dir", 1)
+    for folder in ("image", "label"):
+        path = str(tmp_path / "target_dir" / folder / "target_dir_000.tif")
+        with rasterio.open(path, "r+") as dst:
+            dst.crs = "EPSG:32631"
+    report = validate_dataset(data_config(tmp_path))
+    assert report.crs == {"source": {"source_dir": {"EPSG:2154": 2}},
+                          "target": {"target_dir": {"EPSG:32631": 1}}}
+    assert "target CRS: target_dir EPSG:32631 (1)" in str(report)
 
 
 def test_label_values_outside_the_classes_are_named(tmp_path):

@@ -92,3 +92,76 @@ def test_every_vit_field_of_a_benchmark_config_is_settable(tmp_path):
     assert counts["modules"]["vfm/blocks"]["total"] == 4 * block
     assert counts["modules"]["depth/blocks"]["total"] == 4 * block
     assert counts["modules"]["adapter/experts_b"]["total"] == 4 * 6 * 16 * 64
+
+
+def summary(tmp_path, config, *overrides):
+    run = main("--config", config, "--mode", "summary", *overrides, workdir=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with open(tmp_path / "summary.json") as f:
+        return json.load(f), run.stdout
+
+
+def vit_block(width, mlp):
+    """Parameters of one pre-norm block: 2 norms, qkv, proj, fc1, fc2, 2 layer scales."""
+    return 4 * width + (width + 1) * 3 * width + (width + 1) * width + (width + 1) * mlp + \
+        (mlp + 1) * width + 2 * width
+
+
+def test_summary_totals_per_part_are_the_papers(tmp_path):
+    counts, table = summary(tmp_path, "configs/flair.py")
+    parts = counts["parts"]
+    assert parts["adapter"] == {"total": 5_737_985, "trainable": 5_737_985}  # Table 3: 5.74 M
+    assert parts["head"]["total"] == parts["head"]["trainable"] == 20_537_805  # "20.6 M"
+    assert parts["vfm"]["trainable"] == parts["depth"]["trainable"] == 0
+    assert counts["trainable"] == parts["adapter"]["total"] + parts["head"]["total"]
+    assert sum(p["total"] for p in parts.values()) == counts["total"]
+    assert "adapter (part)" in table and "5.74 M" in table and "20.54 M" in table
+
+
+def test_size_variant_and_presets_on_a_benchmark_config(tmp_path):
+    # The issue's traceback: a ViT-S preset on the ViT-L benchmark; feature_layers follow.
+    counts, _ = summary(tmp_path / "preset", "configs/flair.py",
+                        "--config.model.vfm.preset=dinov2_vits14")
+    assert counts["modules"]["vfm/blocks"]["total"] == 12 * vit_block(384, 1536)
+    # A size variant: VFM and depth encoder at ViT-S size, the adapter at its width.
+    counts, _ = summary(tmp_path / "size", "configs/flair.py:vits")
+    assert counts["modules"]["vfm/blocks"]["total"] == 12 * vit_block(384, 1536)
+    assert counts["modules"]["depth/blocks"]["total"] == 12 * vit_block(384, 1536)
+    assert counts["modules"]["adapter/experts_b"]["total"] == 12 * 6 * 16 * 384  # [L, E, r, d]
+    # A preset and a method together: DINOv2 ViT-B/14 with REIN (no depth encoder).
+    counts, _ = summary(tmp_path / "both", "configs/whu_ohs.py:dinov2_vitb14,rein")
+    assert counts["modules"]["vfm/blocks"]["total"] == 12 * vit_block(768, 3072)
+    assert counts["parts"]["depth"]["total"] == 0 and "adapter/w_gate" not in counts["modules"]
+    assert counts["modules"]["adapter/experts_b"]["total"] == 12 * 1 * 16 * 768  # one token set
+
+
+def test_config_mode_documents_every_field_and_shows_what_the_run_decides(tmp_path):
+    run = main("--config", "configs/custom.py:vits", "--mode", "config",
+               "--config.data.class_names=('a', 'b')",
+               "--config.data.band_names=('R', 'G', 'B', 'NIR')",
+               "--config.data.bands=('R', 'G', 'B', 'NIR')",
+               "--config.data.mean=(0, 0, 0, 0)", "--config.data.std=(1, 1, 1, 1)",
+               workdir=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if not line.startswith("#")]
+    assert len(lines) > 150 and all(" = " in line and "  # " in line for line in lines)
+    assert "(undocumented)" not in run.stdout
+    for expected in ("model.vfm.overrides.width = 384  # ",
+                     "model.vfm.overrides.in_channels = None -> 4  # ",  # from data.bands
+                     "model.feature_layers = None -> (3, 5, 7, 11)  # ",
+                     "model.decoder.num_classes = None -> 2  # ",
+                     "data.layout.kind = 'folders'  # "):
+        assert any(line.startswith(expected) for line in lines), expected
+    # A config that does not parse: its fields, then the one-line error.
+    broken = main("--config", "configs/custom.py", "--mode", "config", workdir=tmp_path)
+    assert broken.returncode == 1 and "data.root = ''" in broken.stdout
+    assert broken.stderr.strip().startswith("error:") and "class_names" in broken.stderr
+    assert len(broken.stderr.strip().splitlines()) == 1
+
+
+def test_help_names_the_variants_and_points_to_config_mode(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "spectralmoe_jax.main", "--help"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    for word in ("vits", "vitb", "vitl", "dinov2_vits14", "dofa_vitl16", "no_cross_attention",
+                 "--mode config", "configs/custom.py", "--compile_cache"):
+        assert word in run.stdout, word

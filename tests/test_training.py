@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import jaxpr_equations
 from tests.tiny import ROOT, tiny_training
+from spectralmoe_jax.errors import UserError
 from spectralmoe_jax.io.checkpoint import CheckpointError
 from spectralmoe_jax.training import mesh as mesh_lib
 from spectralmoe_jax.training.trainer import NonFiniteLossError, trained_item
@@ -41,7 +42,7 @@ def test_resume_is_exact(uninterrupted, tmp_path):
     workdir, full, _, _ = uninterrupted
     first = tiny_training(str(tmp_path), num_steps=4)
     first.run(stop_after=2)  # "killed" right after the step-2 checkpoint
-    del first
+    first.close()  # as its process ending would: the workdir's lock is released
     resumed = tiny_training(str(tmp_path), num_steps=4)
     assert int(resumed.state.step) == 2
     resumed.run()
@@ -95,6 +96,7 @@ def test_nan_loss_stops_and_last_checkpoint_restores(uninterrupted, tmp_path):
     with pytest.raises(NonFiniteLossError, match="step 3.*last good checkpoint is step 2"):
         training.run()
     assert training.checkpointer.latest_step() == 2
+    training.close()
     restored = tiny_training(str(tmp_path), num_steps=4)
     assert int(restored.state.step) == 2
     # The checkpoint holds the uninterrupted run's step-2 state: compare losses.
@@ -120,7 +122,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monk
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(CheckpointError, match="not writable"):
+    with pytest.raises(UserError, match="not writable"):
         tiny_training(str(blocker / "run"))
 
 

@@ -1,6 +1,8 @@
-"""The seven benchmarks of the paper (SPEC section 2) and the bundled FLAIR #2 demo tiles.
+"""The seven benchmarks of the paper (SPEC section 2) and the bundled FLAIR #2 demo tiles, on
+`dataset_config`: a `config.data` with every key of `data/spec.py` present, so that the command
+line can set any of them (`configs/custom.py` builds your own dataset on it).
 
-Each function returns the `config.data` ConfigDict (fields: `data/spec.py`). Class names and
+Each benchmark function returns the `config.data` ConfigDict. Class names and
 palettes are the released dataset classes' (`rs_dataset/*.py` of daxichen/SpectralMoE-main),
 normalisation the released `data_preprocessor`s, augmentation the released train pipelines.
 Point any of them at your copy with `--config.data.root=/path`.
@@ -47,21 +49,63 @@ def split_dir_layout(image_ext: str, label_ext: str) -> dict:
 
 
 def augment(short_edges, *, photometric_bands=None, cat_max_ratio=0.75, photometric=True):
-    return dict(
-        short_edges=short_edges, ratio_range=None, base_size=512, max_size=1024,
-        cat_max_ratio=cat_max_ratio, flip_prob=0.5,
-        photometric=dict(enabled=photometric, brightness_delta=32.0, contrast_range=(0.5, 1.5),
-                         saturation_range=(0.5, 1.5), hue_delta=18, bands=photometric_bands,
-                         value_range=(0.0, 255.0)),
-    )
+    """The released train augmentation (spec.AugmentSpec): multi-scale resize, crop, flip,
+    photometric distortion on `photometric_bands` (None: every band)."""
+    return _with_defaults(
+        dict(short_edges=tuple, ratio_range=tuple, max_size=int),
+        dict(short_edges=short_edges, base_size=512, max_size=1024,
+             cat_max_ratio=cat_max_ratio, flip_prob=0.5,
+             photometric=_with_defaults(
+                 dict(bands=tuple, value_range=tuple),
+                 dict(enabled=photometric, brightness_delta=32.0, contrast_range=(0.5, 1.5),
+                      saturation_range=(0.5, 1.5), hue_delta=18, bands=photometric_bands,
+                      value_range=(0.0, 255.0)))))
 
 
-def _data(**fields) -> ml_collections.ConfigDict:
-    defaults = dict(format="geotiff", dtype="uint8", value_scale=1.0, nodata=None,
-                    ignore_index=IGNORE, crop_size=(512, 512), array_layout="HWC",
-                    hdf5_image_key="image", hdf5_label_key="label", tfds_data_dir="",
-                    num_workers=0, wavelengths=None, rgb_bands=None)
-    return ml_collections.ConfigDict({**defaults, **fields})
+# Keys of config.data that may be None, with the type the command line sets them to.
+OPTIONAL_FIELDS = dict(band_names=tuple, wavelengths=tuple, rgb_bands=tuple, dtype=str,
+                       nodata=float, num_classes=int, class_names=tuple, label_map=tuple,
+                       mean=tuple, std=tuple, value_range=tuple)
+LAYOUT_DEFAULTS = dict(kind="regex", label_pattern=str, label_replace=str, image_dir=str,
+                       label_dir=str, image_suffix=str, label_suffix=str, domain_pattern=str)
+SPLIT_DEFAULTS = dict(glob="", domains=tuple, names_file=str, names_key=str)
+
+
+def _with_defaults(defaults: dict, values: dict) -> ml_collections.ConfigDict:
+    """`values` over `defaults`; a default that is a type is a placeholder of that type (None
+    until set), so every key is present and settable from the command line."""
+    out = ml_collections.ConfigDict()
+    values = {k: v for k, v in values.items() if v is not None or k not in defaults}
+    for key, value in {**defaults, **values}.items():
+        out[key] = (ml_collections.config_dict.placeholder(value) if isinstance(value, type)
+                    else value)
+    return out
+
+
+def split(glob: str, domains=None, **fields) -> ml_collections.ConfigDict:
+    """One split: its glob, domains (None: all), names_file / names_key (spec.SPLIT_FIELDS)."""
+    return _with_defaults(SPLIT_DEFAULTS, dict(glob=glob, domains=domains, **fields))
+
+
+def dataset_config(**fields) -> ml_collections.ConfigDict:
+    """A `config.data` with every key of `spec.FIELDS` present (placeholders where a key may
+    stay None), `fields` over the defaults below; `layout` and each of `splits` likewise."""
+    layout = _with_defaults(LAYOUT_DEFAULTS, dict(fields.pop("layout", {})))
+    splits = ml_collections.ConfigDict()
+    for name, value in dict(fields.pop("splits", {})).items():
+        splits[name] = value if isinstance(value, ml_collections.ConfigDict) else split(**value)
+    defaults = dict(name="dataset", format="geotiff", root="", layout=layout, splits=splits,
+                    bands=(0, 1, 2), value_scale=1.0, ignore_index=IGNORE,
+                    reduce_zero_label=False, palette=(), crop_size=(512, 512),
+                    augment=augment(RGB_SHORT_EDGES), array_layout="HWC",
+                    hdf5_image_key="image", hdf5_band_keys=(), hdf5_label_key="label",
+                    tfds_data_dir="", num_workers=0, on_bad_tile="error", **OPTIONAL_FIELDS)
+    return _with_defaults(defaults, dict(fields, layout=layout, splits=splits))
+
+
+def _benchmark(**fields) -> ml_collections.ConfigDict:
+    """The paper's benchmarks: 8-bit images unless a benchmark says otherwise."""
+    return dataset_config(**{"dtype": "uint8", **fields})
 
 
 # --- multispectral / hyperspectral ---------------------------------------------------------
@@ -95,7 +139,7 @@ def whu_ohs(labels: str = "codes24") -> ml_collections.ConfigDict:
     if labels not in ("codes24", "merged7"):
         raise ValueError(f"labels={labels!r}: use 'codes24' or 'merged7'")
     label_map = ({0: IGNORE, **WHU_OHS_MERGE} if labels == "codes24" else reduce_zero_label(7))
-    return _data(
+    return _benchmark(
         name="whu_ohs", root="data/WHUOHS", layout=split_dir_layout("tif", "tif"),
         splits=dict(source=dict(glob="source_dir/image/*.tif", domains=None),
                     target=dict(glob="target_dir/image/*.tif", domains=None)),
@@ -127,7 +171,7 @@ GID_PALETTE = (
 
 
 def _gid(name, root, mean, std):
-    return _data(
+    return _benchmark(
         name=name, root=root, layout=split_dir_layout("tif", "png"),
         splits=dict(source=dict(glob="source_dir/image/*.tif", domains=None),
                     target=dict(glob="target_dir*/image/*.tif", domains=None)),
@@ -173,7 +217,7 @@ FLAIR_LABEL_MAP = {0: IGNORE, **{k: k - 1 for k in range(1, 13)},
 
 
 def _flair(**fields):
-    return _data(
+    return _benchmark(
         band_names=("R", "G", "B", "NIR", "elevation"), bands=("R", "G", "B", "NIR"),
         wavelengths=(0.665, 0.56, 0.49, 0.83), rgb_bands=(0, 1, 2),
         num_classes=12, class_names=FLAIR_CLASSES, palette=FLAIR_PALETTE,
@@ -209,7 +253,7 @@ def flair2_demo() -> ml_collections.ConfigDict:
     """
     return _flair(
         name="flair2_demo", root=DEMO_ROOT,
-        layout=dict(label_pattern=r"_aerial\.tif$", label_replace="_mask.tif",
+        layout=dict(kind="pairs", image_suffix="_aerial.tif", label_suffix="_mask.tif",
                     domain_pattern=r"^(D\d{3}_\d{4})_"),
         splits=dict(source=dict(glob="*_aerial.tif",
                                 domains=("D055_2018", "D051_2019", "D074_2020", "D006_2020")),
@@ -219,7 +263,7 @@ def flair2_demo() -> ml_collections.ConfigDict:
 # --- RGB ------------------------------------------------------------------------------------
 
 def _rgb(**fields):
-    return _data(
+    return _benchmark(
         band_names=("R", "G", "B"), bands=("B", "G", "R"),
         wavelengths=(0.49, 0.56, 0.665), rgb_bands=(2, 1, 0),
         augment=augment(RGB_SHORT_EDGES), **fields)

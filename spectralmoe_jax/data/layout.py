@@ -1,23 +1,34 @@
 """Folder layouts: which files form a split, which label goes with which image, which domain.
 
 One mechanism covers every layout: a glob per split lists the images, a regex substitution on
-the image's path (relative to the root) gives its label, and a regex gives its domain.
+the image's path (relative to the root) gives its label, and a regex gives its domain. The
+`layout.kind` shorthands build the substitution (`spec.label_rule`):
+
+mmseg's folders (Potsdam, Vaihingen, LoveDA converted by mmseg's scripts), `img_dir/train/*.png`
+with labels `ann_dir/train/*.png`:
+  layout.kind = 'folders', layout.image_dir = 'img_dir', layout.label_dir = 'ann_dir'
+  splits.source.glob = 'img_dir/train/*.png', splits.target.glob = 'img_dir/val/*.png'
 
 The released code's layout, `root/{source_dir|target_dir}/{image,label}/NAME.ext`:
-  splits.train.glob = 'source_dir/image/*.tif'
-  label_pattern = r'^(.*)image/([^/]+)\\.tif$', label_replace = r'\\1label/\\2.png'
-  domain_pattern = r'^([^/]+)/'                  (the split folder is the domain)
+  splits.source.glob = 'source_dir/image/*.tif'
+  layout.label_pattern = r'^(.*)image/([^/]+)\\.tif$', layout.label_replace = r'\\1label/\\2.png'
+  layout.domain_pattern = r'([^/]+)/image/'       (the folder holding image/ is the domain)
 
 Paired files in one folder (FLAIR style, `D055_2018_IMG_036294_aerial.tif` + `..._mask.tif`):
-  splits.train.glob = '*_aerial.tif', splits.train.domains = ['D055_2018', ...]
-  label_pattern = r'_aerial\\.tif$', label_replace = '_mask.tif'
-  domain_pattern = r'^(D\\d{3}_\\d{4})_'
+  layout.kind = 'pairs', layout.image_suffix = '_aerial.tif', layout.label_suffix = '_mask.tif'
+  splits.source.glob = '*_aerial.tif', splits.source.domains = ('D055_2018', ...)
+  layout.domain_pattern = r'^(D\\d{3}_\\d{4})_'
+
+Label and bands in one HDF5 file per tile, splits named in a file (geo-bench):
+  layout.kind = 'same_file', splits.source.glob = '*.hdf5',
+  splits.source.names_file = 'default_partition.json', splits.source.names_key = 'train'
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 import re
 
@@ -60,8 +71,11 @@ def domain_of(spec: DatasetSpec, relative_image_path: str, split: str) -> str:
 def list_image_paths(spec: DatasetSpec, split: str) -> list[str]:
     """Sorted image paths relative to the root; raises if the split, root or folder is absent."""
     if split not in spec.splits:
-        raise DataError(f"config.data.splits has no split {split!r}; it has "
-                        f"{sorted(spec.splits)}")
+        raise DataError(f"config.data.splits has no split {split!r} (or its glob is empty); "
+                        f"it has {sorted(spec.splits) or 'none'}: set "
+                        f"--config.data.splits.{split}.glob")
+    if not spec.root:
+        raise DataError("config.data.root is not set: --config.data.root=/path/to/the/tiles")
     if not os.path.isdir(spec.root):
         raise DataError(f"{spec.root}: config.data.root is not a folder")
     pattern = os.path.join(spec.root, spec.splits[split].glob)
@@ -75,19 +89,53 @@ def tile_for(spec: DatasetSpec, relative_image_path: str, split: str) -> Tile:
                 domain_of(spec, relative_image_path, split))
 
 
+def _names_in(path: str, key: str) -> frozenset[str]:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: the split's names_file (config.data.splits.*.names_file) "
+                        "does not exist")
+    with open(path) as f:
+        if not path.endswith(".json"):
+            return frozenset(line.strip() for line in f if line.strip())
+        try:
+            names = json.load(f)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: not valid JSON: {error}") from error
+    if isinstance(names, dict):
+        if key not in names:
+            raise DataError(f"{path}: no list {key!r} (config.data.splits.*.names_key); it has "
+                            f"{sorted(names)}")
+        names = names[key]
+    if not isinstance(names, list):
+        raise DataError(f"{path}: expected a list of tile names under {key!r}")
+    return frozenset(str(n) for n in names)
+
+
+def keep_tiles(spec: DatasetSpec, split: str, tiles: list[Tile]) -> list[Tile]:
+    """The tiles of `split.domains` (all when None) named in `split.names_file` (all when
+    unset)."""
+    wanted = spec.splits[split]
+    if wanted.domains is not None:
+        tiles = [t for t in tiles if t.domain in wanted.domains]
+    if wanted.names_file:
+        names = _names_in(os.path.join(spec.root, wanted.names_file), wanted.names_key or split)
+        tiles = [t for t in tiles if t.name in names]
+    return tiles
+
+
 def no_tiles_error(spec: DatasetSpec, split: str) -> DataError:
-    wanted = spec.splits[split].domains
-    where = os.path.join(spec.root, spec.splits[split].glob)
-    extra = f" in domains {list(wanted)}" if wanted else ""
+    wanted = spec.splits[split]
+    where = os.path.join(spec.root, wanted.glob)
+    extra = f" in domains {list(wanted.domains)}" if wanted.domains else ""
+    if wanted.names_file:
+        extra += f" named in {wanted.names_file}"
     return DataError(f"{where}: no images for split {split!r}{extra} (empty or missing folder, "
                      "or a glob that matches nothing)")
 
 
 def list_tiles(spec: DatasetSpec, split: str) -> list[Tile]:
-    """The split's tiles in a fixed (sorted) order, filtered by `splits.<split>.domains`."""
+    """The split's tiles in a fixed (sorted) order, filtered by `keep_tiles`."""
     tiles = [tile_for(spec, relative, split) for relative in list_image_paths(spec, split)]
-    wanted = spec.splits[split].domains
-    tiles = [t for t in tiles if wanted is None or t.domain in wanted]
+    tiles = keep_tiles(spec, split, tiles)
     if not tiles:
         raise no_tiles_error(spec, split)
     return tiles

@@ -62,7 +62,9 @@ class TileSource:
                 "domain": tile.domain}
 
     def __getitem__(self, index: int) -> dict:
+        """The element; a label value outside the classes is a `DataError` naming the file."""
         raw = self.read_raw(int(index))
+        self.spec.check_labels(raw["label"], self.tiles[int(index)].label_path)
         image, label = finalize(raw["image"], raw["label"], raw["nodata"], self.spec)
         return {"image": image, "label": label, "name": raw["name"], "domain": raw["domain"]}
 

@@ -160,12 +160,15 @@ def dataset_stats(spec, split: str = "source", value_range: tuple[float, float] 
 
     Integer images get one histogram bin per value from 0 to their dtype's maximum (at most
     4096 bins); other images use `value_range` (`config.data.value_range`, default (0, 1)) with
-    4096 bins.
+    4096 bins. Without `config.data.dtype` the first tile's dtype decides.
     """
     from spectralmoe_jax.data.pipeline import make_source
 
     source = make_source(spec, split)
-    dtype = np.dtype(spec.dtype) if spec.dtype else None
+    if spec.dtype:
+        dtype = np.dtype(spec.dtype)
+    else:  # e.g. PNG tiles of any depth: 8-bit ones must not be binned in (0, 1)
+        dtype = source.read_raw(0)["image"].dtype if len(source) else None
     if dtype is not None and np.issubdtype(dtype, np.integer):
         value_range = (0.0, float(np.iinfo(dtype).max) + 1)
         bins = int(min(value_range[1], 4096))
@@ -179,3 +182,11 @@ def dataset_stats(spec, split: str = "source", value_range: tuple[float, float] 
                    else {"image": raw["image"], "valid": ~raw["nodata"]})
 
     return compute_band_stats(examples(), value_range=value_range, bins=bins)
+
+
+def command_line_flags(stats: Mapping, prefix: str = "config.data.") -> str:
+    """The mean and std as flags for the entry point's command line."""
+    def fmt(values):
+        return "'(" + ", ".join(f"{v:.6g}" for v in values) + ")'"
+
+    return f"--{prefix}mean={fmt(stats['mean'])} --{prefix}std={fmt(stats['std'])}"

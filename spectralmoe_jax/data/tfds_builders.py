@@ -180,6 +180,8 @@ class TfdsSource:
 
     def __getitem__(self, index: int) -> dict:
         raw = self.read_raw(index)
+        self.spec.check_labels(raw["label"],
+                               f"{raw['path']} (its label, in {self.spec.tfds_data_dir})")
         image, label = finalize(raw["image"], raw["label"], raw["nodata"], self.spec)
         return {"image": image, "label": label, "name": raw["name"], "domain": raw["domain"]}
 

@@ -4,23 +4,21 @@ adapter's expert-routing maps. All images are uint8 [h, w, 3] NumPy arrays; PIL 
 
 from __future__ import annotations
 
-import colorsys
 import io
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from spectralmoe_jax.data import spec
+
 IGNORE_COLOR = (255, 255, 255)
 ERROR_COLORS = {"correct": (40, 40, 40), "wrong": (230, 30, 30), "ignored": (255, 255, 255)}
 
 
 def default_palette(num_colors: int) -> np.ndarray:
-    """uint8 [num_colors, 3] distinct colours: hues spaced by the golden ratio."""
-    hues = (np.arange(num_colors) * 0.618033988749895) % 1.0
-    colors = [colorsys.hsv_to_rgb(h, 0.75 if i % 2 else 0.95, 0.95 if i % 3 else 0.7)
-              for i, h in enumerate(hues)]
-    return np.round(np.asarray(colors) * 255).astype(np.uint8).reshape(num_colors, 3)
+    """uint8 [num_colors, 3] distinct colours (the datasets' default, `spec.default_palette`)."""
+    return np.asarray(spec.default_palette(num_colors), np.uint8).reshape(num_colors, 3)
 
 
 def colorize(label, palette, ignore_index: int = 255,

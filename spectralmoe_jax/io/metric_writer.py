@@ -1,6 +1,8 @@
 """Metrics to `workdir/metrics.jsonl` (one JSON object a line) and TensorBoard event files.
 
 TensorBoard files are written with tensorboardX, which needs no TensorFlow; only process 0 writes.
+A resumed run first drops the records past its checkpoint (`drop_after`): the steps it redoes
+are recorded once.
 """
 
 from __future__ import annotations
@@ -35,6 +37,39 @@ class MetricWriter:
                 from tensorboardX import SummaryWriter
 
                 self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def records(self) -> list[dict]:
+        """Every complete record (a line cut by a killed run is left out)."""
+        if not os.path.exists(self.path):
+            return []
+        out = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def drop_after(self, step: int | None) -> None:
+        """Keeps the records up to `step` (None: none), written to a new file renamed over the
+        old one, so that a kill meanwhile loses nothing."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        kept = [r for r in self.records() if step is not None and r.get("step", 0) <= step]
+        temporary = self.path + ".tmp"
+        with open(temporary, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, self.path)
+
+    def last(self, kind: str = "train") -> dict:
+        """The last record of `kind`, without its bookkeeping keys ({} if none)."""
+        found = [r for r in self.records() if r.get("kind") == kind]
+        if not found:
+            return {}
+        return {k: v for k, v in found[-1].items() if k not in ("kind", "time")}
 
     def write(self, step: int, metrics: dict, *, kind: str = "train") -> None:
         if not self.enabled:

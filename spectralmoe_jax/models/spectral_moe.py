@@ -83,12 +83,12 @@ class AdapterConfig:
 
     kind: str = "spectral_moe"  # one of KINDS (docs/methods.md)
     compat: str | None = None  # 'paper' | 'released' | None: by the weights (see above)
-    num_layers: int = 24
-    width: int = 1024  # d
-    num_experts: int = 6  # Ne
-    top_k: int = 1
+    num_layers: int = 24  # VFM blocks refined (one adapter layer after each)
+    width: int = 1024  # d: token width (the VFM's)
+    num_experts: int = 6  # Ne: experts per layer
+    top_k: int = 1  # experts per token (Eq. 2)
     rank: int = 16  # r of T_e = A_e B_e
-    num_tokens: int = 100  # m
+    num_tokens: int = 100  # m: tokens per expert
     gate_p: float = 2.0  # p of Eq. 1; 2 as released (torch.cdist), 1 is Laplacian gating
     noise_epsilon: float = 1e-2  # added to the noise std, as released
     # 'attention' (Eq. 6) | 'diagonal' (released) | 'add' (w/o cross-attn) | None (by compat)
@@ -100,10 +100,11 @@ class AdapterConfig:
     balance_scale: float = 1e3  # the released `loss_coef`
     balance_terms: tuple[str, ...] = BALANCE_TERMS  # cv^2 terms per modality, as released
     scale_init: float = 1e-3  # alpha of Eq. 7
-    query_dim: int = 256
-    num_queries: int = 100
-    # None: as the kind was released (the token methods link, LoRA / AdaptFormer / VPT have no
-    # tokens and keep the plain head's learned queries).
+    query_dim: int = 256  # width of the decoder queries the expert tokens initialise
+    num_queries: int = 100  # decoder queries made from the tokens (= num_tokens when linked)
+    # Released `link_token_to_query`: tokens -> query positions. None: as the kind was released
+    # (the token methods link; LoRA / AdaptFormer / VPT have no tokens and keep the plain head's
+    # learned queries).
     link_token_to_query: bool | None = None
     patch_size: int = 16  # only the token initialisations (REIN's family, VPT) use it
     # The other methods (models/adapters/; defaults give Table 3's counts on ViT-L).
@@ -111,17 +112,17 @@ class AdapterConfig:
     lora_alpha: float = 8.0  # peft's default (= r)
     lora_targets: tuple[str, ...] = ("q", "v")  # q, k, v | qkv (fused), proj, fc1, fc2 | w1, w2, w3
     lora_dropout: float = 0.0  # on the targets' input, in training
-    adaptformer_bottleneck: int = 64
+    adaptformer_bottleneck: int = 64  # AdaptFormer's hidden width (down d -> this -> up d)
     adaptformer_scale: float = 0.1  # s of the parallel branch (the released image config)
     adaptformer_layernorm: str = "in"  # 'in' (before down) | 'out' (after up) | 'none'
     adaptformer_dropout: float = 0.1  # on the bottleneck, in training
     vpt_tokens: int = 150  # VPT-deep prompts per block
-    vpt_dropout: float = 0.0
+    vpt_dropout: float = 0.0  # on the prompts, in training (VPT's default 0)
     # SET and FADA as released transform across the samples of a GPU's batch (SET's FFT over the
     # batch axis, FADA's reshapes): how many samples share one transform in training (released
     # batch 4 per GPU) and in evaluation (mmseg tests one image at a time).
-    sample_group_train: int = 4
-    sample_group_eval: int = 1
+    sample_group_train: int = 4  # samples sharing one SET / FADA transform in training
+    sample_group_eval: int = 1  # the same in evaluation (mmseg tests one image at a time)
     dtype: Any = jnp.float32  # compute dtype; parameters are float32, the router always float32
 
     def __post_init__(self):

@@ -91,12 +91,12 @@ class ViTConfig:
     # The checkpoint layout the converter expects; 'dofa' also selects the wavelength-conditioned
     # patch embedding. Everything else is decided by the switches below.
     family: str = "dinov2"  # 'dinov2' | 'dinov3' | 'dofa' | 'clip' | 'sam' | 'eva02'
-    patch_size: int = 14
-    in_channels: int = 3
-    width: int = 1024
-    depth: int = 24
-    num_heads: int = 16
-    mlp_dim: int = 4096
+    patch_size: int = 14  # pixels per patch side
+    in_channels: int = 3  # input bands
+    width: int = 1024  # token width d
+    depth: int = 24  # blocks
+    num_heads: int = 16  # attention heads
+    mlp_dim: int = 4096  # hidden width of the MLP
     ffn: str = "mlp"  # 'mlp' | 'swiglu'
     act: str = "gelu"  # activation of 'mlp': 'gelu' (exact) | 'quick_gelu' (CLIP, x sigmoid(1.702 x))
     ffn_norm: bool = False  # LayerNorm on the SwiGLU hidden before w3 (EVA02's sub-LN `ffn_ln`)
@@ -115,8 +115,8 @@ class ViTConfig:
     # a value set here wins. Left None without weights, the table is resized to the output size
     # without antialias.
     pos_interp: str = "bicubic"
-    pos_interp_offset: float | None = None
-    pos_interp_antialias: bool | None = None
+    pos_interp_offset: float | None = None  # scale factor (h + offset) / M; None: as implied
+    pos_interp_antialias: bool | None = None  # antialias in that resize; None: as the weights imply
     # The released SpectralMoE / Rein `clip.py` adds the class embedding to the token and again
     # to the cls position row: cls = 2 class_embedding + pos[0] (OpenAI CLIP adds it once).
     cls_embed_twice: bool = False
@@ -125,19 +125,19 @@ class ViTConfig:
     rope_ref_grid: tuple[int, int] | None = None  # EVA02: coordinates scaled to this grid
     patch_bias: bool = True  # False: CLIP's bias-free patch projection (conv1)
     embed_norm: bool = False  # LayerNorm on the embedded tokens before the blocks (CLIP ln_pre)
-    layerscale: bool = True
-    norm_eps: float = 1e-6
-    qkv_bias: bool = True
+    layerscale: bool = True  # learned per-channel scale on each residual branch
+    norm_eps: float = 1e-6  # LayerNorm epsilon
+    qkv_bias: bool = True  # bias in the query / key / value projection
     mask_k_bias: bool = False  # DINOv3, EVA02: the key part of the qkv bias is (kept) zero
-    final_norm: bool = True
+    final_norm: bool = True  # LayerNorm after the last block (`normed` output)
     # SAM: attention within window_size x window_size windows of the patch grid (zero-padded to
     # a multiple) except in `global_blocks`, which must be the last block of equal groups
     # (SAM-H: 7, 15, 23, 31); decomposed relative position biases (rel_pos_h / rel_pos_w) in
     # every block, sized 2 window - 1 or 2 pos_grid - 1 and linearly resized to other grids.
     window_size: int = 0
-    global_blocks: tuple[int, ...] = ()
-    rel_pos: bool = False
-    dofa_wv_planes: int = 128
+    global_blocks: tuple[int, ...] = ()  # SAM: the blocks with global attention
+    rel_pos: bool = False  # SAM: decomposed relative position biases in every block
+    dofa_wv_planes: int = 128  # DOFA: width of the wavelength embedding
     attention: str | None = "auto"  # 'auto' (cuDNN for bf16 on GPU, else XLA), 'xla', 'cudnn', 'pallas'
     dtype: str = "float32"  # compute dtype
     # Backward-pass memory of the scanned blocks (with the hook): 'none' keeps every residual,

@@ -32,13 +32,13 @@ from spectralmoe_jax.training.point_sampling import point_sample
 class LossConfig:
     """Weights and point sampling of the released config (SPEC 1.3); the matcher uses the same
     weights."""
-    class_weight: float = 2.0
-    mask_weight: float = 5.0
-    dice_weight: float = 5.0
-    no_object_weight: float = 0.1
-    num_points: int = 12544
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
+    class_weight: float = 2.0  # weight of the class cross-entropy
+    mask_weight: float = 5.0  # weight of the mask sigmoid cross-entropy
+    dice_weight: float = 5.0  # weight of the mask dice loss
+    no_object_weight: float = 0.1  # class weight of "no object" in the cross-entropy
+    num_points: int = 12544  # points sampled per mask for the mask losses
+    oversample_ratio: float = 3.0  # candidate points per sampled point
+    importance_sample_ratio: float = 0.75  # share of points taken where the mask is uncertain
 
     @property
     def num_oversampled(self) -> int:

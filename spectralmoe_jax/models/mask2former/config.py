@@ -15,18 +15,18 @@ class Mask2FormerConfig:
     so the decoder needs no input projections.
     """
 
-    in_channels: tuple[int, ...] = (1024, 1024, 1024, 1024)
+    in_channels: tuple[int, ...] = (1024, 1024, 1024, 1024)  # widths of the 4 input maps
     num_classes: int = 24  # K; the class head has K + 1 outputs (the last is "no object")
-    hidden_dim: int = 256
-    num_queries: int = 100
+    hidden_dim: int = 256  # width of pixel decoder, mask features and transformer decoder
+    num_queries: int = 100  # object queries
     num_feature_levels: int = 3  # coarsest levels refined by the encoder and cycled by the decoder
-    encoder_layers: int = 6
-    encoder_heads: int = 8
-    encoder_points: int = 4
-    encoder_ffn_dim: int = 1024
-    decoder_layers: int = 9
-    decoder_heads: int = 8
-    decoder_ffn_dim: int = 2048
+    encoder_layers: int = 6  # deformable-attention layers of the pixel decoder
+    encoder_heads: int = 8  # attention heads of the pixel decoder layers
+    encoder_points: int = 4  # sampling points per head and level
+    encoder_ffn_dim: int = 1024  # feed-forward width of the pixel decoder layers
+    decoder_layers: int = 9  # masked-attention layers of the transformer decoder
+    decoder_heads: int = 8  # attention heads of the transformer decoder layers
+    decoder_ffn_dim: int = 2048  # feed-forward width of the transformer decoder layers
     num_groups: int = 32  # GroupNorm groups of the pixel decoder's convolutions
     # A learned query position embedding; the released head deletes it and takes the adapter's.
     learn_query_position: bool = True
