@@ -55,7 +55,8 @@ def _common(config):
     """What both backbones share: the tiny decoder and the short CPU schedule."""
     config.model.dtype = "float32"
     config.model.adapter.update(dict(num_experts=4, rank=4, num_tokens=QUERIES,
-                                     num_queries=QUERIES, query_dim=DECODER_WIDTH))
+                                     num_queries=QUERIES, query_dim=DECODER_WIDTH, lora_rank=4,
+                                     adaptformer_bottleneck=16, vpt_tokens=8))
     config.model.decoder.update(dict(
         hidden_dim=DECODER_WIDTH, num_queries=QUERIES, encoder_layers=2, encoder_heads=4,
         encoder_ffn_dim=2 * DECODER_WIDTH, decoder_layers=3, decoder_heads=4,

@@ -4,8 +4,10 @@ r"""Potsdam (RGB) -> Vaihingen (IRRG), 6 classes, SpectralMoE on DINOv3 ViT-L/16
       --config.data.root=/data/potsdam_vaihingen --config.model.vfm.checkpoint=/weights/dinov3_vitl16.pth \
       --config.model.depth.checkpoint=/weights/promptda_vitl.ckpt
 
-Method variants (config_lib.METHODS): `configs/potsdam_vaihingen.py:rein`, `:frozen`, `:no_moe`,
-`:no_dual_gating`, `:no_depth`, `:no_cross_attention`.
+Method variants (config_lib.METHODS, docs/methods.md): `configs/potsdam_vaihingen.py:lora`,
+`:adaptformer`, `:vpt`, `:set`, `:fada`, `:rein`, `:depthforge`, `:frozen`, and Table 4's
+`:no_moe`, `:no_dual_gating`, `:no_depth`, `:no_cross_attention`; all of Table 3 trained and
+evaluated alike, one table: `--mode compare` (`--config.compare.methods=...`).
 """
 
 from spectralmoe_jax import config_lib

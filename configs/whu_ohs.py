@@ -5,8 +5,10 @@ DOFA ViT-L/16; released batch 1 x 4.
       --config.data.root=/data/whu_ohs --config.model.vfm.checkpoint=/weights/dofa_vitl16.pth \
       --config.model.depth.checkpoint=/weights/promptda_vitl.ckpt
 
-Method variants (config_lib.METHODS): `configs/whu_ohs.py:rein`, `:frozen`, `:no_moe`,
-`:no_dual_gating`, `:no_depth`, `:no_cross_attention`.
+Method variants (config_lib.METHODS, docs/methods.md): `configs/whu_ohs.py:lora`,
+`:adaptformer`, `:vpt`, `:set`, `:fada`, `:rein`, `:depthforge`, `:frozen`, and Table 4's
+`:no_moe`, `:no_dual_gating`, `:no_depth`, `:no_cross_attention`; all of Table 3 trained and
+evaluated alike, one table: `--mode compare` (`--config.compare.methods=...`).
 """
 
 from spectralmoe_jax import config_lib

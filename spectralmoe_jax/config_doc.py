@@ -22,9 +22,9 @@ from spectralmoe_jax.data import spec
 from spectralmoe_jax.models.mask2former import Mask2FormerConfig
 from spectralmoe_jax.models.spectral_moe import AdapterConfig
 from spectralmoe_jax.models.vit import ViTConfig
-from spectralmoe_jax.run_config import (BackboneSection, EvalConfig, ExportConfig, LossConfig,
-                                        MeshConfig, ModelSection, PredictConfig, RunConfig,
-                                        TrainConfig, WeightsConfig)
+from spectralmoe_jax.run_config import (BackboneSection, CompareConfig, EvalConfig, ExportConfig,
+                                        LossConfig, MeshConfig, ModelSection, PredictConfig,
+                                        RunConfig, TrainConfig, WeightsConfig)
 
 
 @functools.cache
@@ -89,6 +89,7 @@ SECTIONS: dict[str, Any] = {
     "predict": PredictConfig,
     "export": ExportConfig,
     "mesh": MeshConfig,
+    "compare": CompareConfig,
 }
 
 

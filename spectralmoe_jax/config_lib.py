@@ -8,13 +8,16 @@ modules they configure), written here into one `ConfigDict` with every field pre
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from spectralmoe_jax.models.mask2former import Mask2FormerConfig
 from spectralmoe_jax.models.spectral_moe import AdapterConfig
 from spectralmoe_jax.models.vit import PRESETS, ViTConfig
-from spectralmoe_jax.run_config import (EvalConfig, ExportConfig, LossConfig, MeshConfig,
-                                        PredictConfig, TrainConfig, WeightsConfig, section_config)
+from spectralmoe_jax.run_config import (TABLE3_METHODS, CompareConfig, EvalConfig, ExportConfig,
+                                        LossConfig, MeshConfig, PredictConfig, TrainConfig,
+                                        WeightsConfig, section_config)
 
 # Fields the run derives from other sections unless a config sets them.
 ADAPTER_DERIVED = ("num_layers", "width", "dtype")  # from the VFM and model.dtype
@@ -88,11 +91,47 @@ def base_config(data: ml_collections.ConfigDict, *, num_steps: int,
     config.predict = section_config(PredictConfig)
     config.export = section_config(ExportConfig)
     config.mesh = section_config(MeshConfig)
+    config.compare = section_config(CompareConfig)
     return config
 
 
-# Methods compared in the paper, as variants of one config (`--config configs/flair.py:rein`).
-METHODS = ("spectralmoe", "frozen", "rein", "no_moe", "no_dual_gating", "no_depth", "no_cross_attention")
+# Methods compared in the paper, as variants of one config (`--config configs/flair.py:rein`):
+# SpectralMoE, the frozen-backbone baseline, Table 3's other methods (models/adapters/,
+# docs/methods.md) and Table 4's ablations.
+METHODS = ("spectralmoe", "frozen", "lora", "adaptformer", "vpt", "set", "fada", "rein",
+           "depthforge", "no_moe", "no_dual_gating", "no_depth", "no_cross_attention")
+assert set(TABLE3_METHODS) <= set(METHODS)  # what `--mode compare` trains by default
+# What each method sets, over SpectralMoE's settings (`_METHOD_FIELDS`). Every variant sets
+# every one of these fields, so a method applied to any config (another variant's, a command
+# line's) is that method. Hyper-parameters (ranks, token counts, prompts) are AdapterConfig's
+# defaults, which are the papers' / released configs'. Depth runs only where the method reads it.
+METHOD_OVERRIDES: dict[str, dict[str, object]] = {
+    "spectralmoe": {},
+    "frozen": {"adapter.enabled": False, "depth.enabled": False},
+    "lora": {"adapter.kind": "lora", "depth.enabled": False},
+    "adaptformer": {"adapter.kind": "adaptformer", "depth.enabled": False},
+    "vpt": {"adapter.kind": "vpt", "depth.enabled": False},
+    "set": {"adapter.kind": "set", "depth.enabled": False},
+    "fada": {"adapter.kind": "fada", "depth.enabled": False},
+    "rein": {"adapter.kind": "rein", "depth.enabled": False},
+    # DepthForge's released head adds the Dynamic Query Correction Module.
+    "depthforge": {"adapter.kind": "depthforge", "decoder.query_correction": True},
+    "no_moe": {"adapter.use_moe": False},  # one expert, no gating
+    "no_dual_gating": {"adapter.dual_gating": False},  # one gate for both modalities
+    "no_depth": {"adapter.use_depth": False, "depth.enabled": False},
+    "no_cross_attention": {"adapter.fusion": "add"},  # fusion by addition
+}
+
+
+def _method_fields() -> dict[str, object]:
+    """The fields a method variant decides, at SpectralMoE's values (the dataclass defaults)."""
+    adapter = {f.name: f.default for f in dataclasses.fields(AdapterConfig)}
+    fields = {f"adapter.{name}": adapter[name]
+              for name in ("kind", "use_moe", "dual_gating", "use_depth", "fusion")}
+    return {**fields, "adapter.enabled": True, "depth.enabled": True,
+            "decoder.query_correction": False}
+
+
 # Model sizes as variants (`configs/flair.py:vits`): the ViT size fields of the standard sizes,
 # applied to the VFM and the depth encoder whatever their family (the adapter follows the VFM).
 SIZE_FIELDS = ("width", "depth", "num_heads", "mlp_dim")
@@ -102,25 +141,13 @@ SIZES = {name: {k: PRESETS[preset][k] for k in SIZE_FIELDS}
 
 
 def apply_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-    """SpectralMoE (default), the frozen-backbone baseline, REIN, or a Table 4 ablation."""
+    """`config` with one of METHODS: SpectralMoE, the frozen baseline, a compared method or a
+    Table 4 ablation; whatever method `config` had before."""
     if method not in METHODS:
         raise ValueError(f"unknown method variant {method!r}; known: {', '.join(METHODS)}")
-    adapter, depth = config.model.adapter, config.model.depth
-    if method == "frozen":           # frozen VFM + Mask2Former, no adapter, no depth
-        adapter.enabled = False
-        depth.enabled = False
-    elif method == "rein":           # REIN: learnable tokens, no experts, gates or depth
-        adapter.kind = "rein"
-        depth.enabled = False
-    elif method == "no_moe":         # one expert, no gating
-        adapter.use_moe = False
-    elif method == "no_dual_gating":  # one gate shared by both modalities
-        adapter.dual_gating = False
-    elif method == "no_depth":       # no depth input (and no depth encoder to run)
-        adapter.use_depth = False
-        depth.enabled = False
-    elif method == "no_cross_attention":  # fusion by addition
-        adapter.fusion = "add"
+    for key, value in {**_method_fields(), **METHOD_OVERRIDES[method]}.items():
+        section, name = key.split(".")
+        config.model[section][name] = value
     return config
 
 
@@ -138,7 +165,7 @@ def parse_variant(arg: str | None) -> str:
 
 def variant_kinds() -> list[tuple[str, str]]:
     """What `configs/NAME.py:VARIANT` takes: (kind, the words and what they do)."""
-    return [("methods", f"{', '.join(METHODS)} (the paper's Table 4)"),
+    return [("methods", f"{', '.join(METHODS)} (the paper's Tables 3 and 4, docs/methods.md)"),
             ("sizes", f"{', '.join(SIZES)}: the VFM and the depth encoder at ViT-S / B / L "
                       "width, depth, heads and MLP"),
             ("presets", "a ViT preset as the VFM, the depth encoder at its size: "

@@ -17,6 +17,7 @@ Modes:
   stats     per-band mean / std / percentiles of the dataset, as a config snippet
   config    the resolved config: every field, its value and a one-line doc
   demo      train, then evaluate and predict: the whole job on the configured data
+  compare   train and evaluate every method of compare.methods alike -> workdir/comparison.md
 
 Configs: configs/custom.py (your own tiles: see docs/own_data.md), the paper's benchmarks
 (flair, five_billion_pixels, gid_cross_region, whu_ohs, loveda, potsdam_vaihingen,
@@ -34,7 +35,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 MODES = ("train", "eval", "predict", "export", "validate", "summary", "convert", "stats",
-         "config", "demo")
+         "config", "demo", "compare")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, configs/NAME.py[:VARIANT] (variants above; "

@@ -294,3 +294,10 @@ def demo(run, paths: Paths):
     with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def compare(run, paths: Paths):
+    """Every method of `compare.methods` trained and evaluated alike, one table (comparison.py)."""
+    from spectralmoe_jax.comparison import compare_methods
+
+    return compare_methods(run, paths.need_workdir("compare"))

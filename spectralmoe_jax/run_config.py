@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from spectralmoe_jax.data.spec import DatasetSpec, dataset_spec
 from spectralmoe_jax.errors import ConfigError, unknown_key
+from spectralmoe_jax.models.adapters import REIN_FAMILY
 from spectralmoe_jax.models.mask2former import Mask2FormerConfig
 from spectralmoe_jax.models.segmentor import SegmentorConfig
 from spectralmoe_jax.models.spectral_moe import AdapterConfig
@@ -33,10 +34,13 @@ from spectralmoe_jax.models.vit import PRESETS, ViTConfig, vit_config
 from spectralmoe_jax.training.mask2former_loss import LossConfig
 
 
-# Released `paramwise_cfg.custom_keys` with decay_mult 0, as substrings of our parameter paths.
+# Released `paramwise_cfg.custom_keys` with decay_mult 0, as substrings of our parameter paths
+# (REIN's, SET's, FADA's, DepthForge's `learnable_tokens*` and `scale` among them); VPT's
+# prompts are treated as tokens. LoRA's factors and AdaptFormer's projections decay (no key of
+# the released recipes names them), AdaptFormer's LayerNorm does not ("norm").
 NO_DECAY_KEYS = (
     "norm", "query_embed", "query_feat", "level_embed",
-    "experts_a", "experts_b", "w_gate", "w_noise", "scale", "learnable_tokens",
+    "experts_a", "experts_b", "w_gate", "w_noise", "scale", "learnable_tokens", "prompts",
 )
 
 
@@ -115,6 +119,17 @@ class ExportConfig:
     tile_size: int = 512  # the exported tile, pixels a side (a multiple of twice the patch)
     opset: int = 17  # ONNX opset
     resolution_cm: float = 0.0  # Deepness' ground resolution; 0: from the check tile
+
+
+# Table 3's rows in the paper's order (config_lib.METHODS names them all).
+TABLE3_METHODS = ("frozen", "lora", "adaptformer", "vpt", "set", "fada", "rein", "depthforge",
+                  "spectralmoe")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    """`--mode compare` (comparison.py): the method variants trained and evaluated alike."""
+    methods: tuple[str, ...] = TABLE3_METHODS  # the variants to train and evaluate, table order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,9 +215,10 @@ class ModelSection:
             "in_channels": (vfm.width,) * 4, "num_classes": self.num_classes,
             "dtype": self.dtype,
             # Released heads drop their learned query positions and take the adapter's; REIN's
-            # also derives its query features from them (`querys2feat`).
+            # (and SET's, FADA's, DepthForge's) also derive their query features from them
+            # (`querys2feat`).
             "learn_query_position": not linked,
-            "replace_query_feat": linked and adapter.kind == "rein",
+            "replace_query_feat": linked and adapter.kind in REIN_FAMILY,
             **self.decoder}), "model.decoder")
         layers = self.feature_layers or default_feature_layers(vfm.depth)
         return _build(SegmentorConfig, dict(
@@ -235,6 +251,7 @@ class RunConfig:
     eval: EvalConfig
     predict: PredictConfig
     mesh: MeshConfig
+    compare: CompareConfig
     export: ExportConfig
     source: Any  # the ConfigDict it was parsed from (saved with a run, printed by --mode config)
 
@@ -292,7 +309,7 @@ def run_identity(config: Mapping) -> dict:
 # --- parsing -----------------------------------------------------------------------------------
 
 TOP_LEVEL = ("seed", "distributed", "data", "model", "loss", "train", "eval", "predict", "export",
-             "mesh")
+             "mesh", "compare")
 MODEL_KEYS = ("dtype", "vfm", "depth", "adapter", "decoder", "feature_layers", "wavelengths",
               "checkpoint", "convert_target", "neck", "adapter_layers")
 BACKBONE_KEYS = ("preset", "overrides", *(f.name for f in dataclasses.fields(WeightsConfig)))
@@ -407,6 +424,7 @@ def parse(config) -> RunConfig:
         predict=_section(PredictConfig, config, "predict"),
         mesh=_section(MeshConfig, config, "mesh"),
         export=_section(ExportConfig, config, "export"),
+        compare=_section(CompareConfig, config, "compare"),
         source=config)
 
 

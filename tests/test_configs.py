@@ -21,17 +21,26 @@ def test_every_config_and_variant_builds(name):
     model = parse(base).model.segmentor()
     assert model.vfm.in_channels == len(base.data.bands)  # derived from the data
     assert max(model.depth_bands) < len(base.data.bands)
+    kinds = {"rein", "lora", "adaptformer", "vpt", "set", "fada", "depthforge"}
     for method in config_lib.METHODS:
         config = module.get_config(method)
         adapter, depth = config.model.adapter, config.model.depth
         assert adapter.enabled == (method != "frozen")
-        assert depth.enabled == (method not in ("frozen", "rein", "no_depth"))
-        assert adapter.kind == ("rein" if method == "rein" else "spectral_moe")
+        # Depth runs only for the methods that read it.
+        assert depth.enabled == (method in ("spectralmoe", "depthforge", "no_moe",
+                                            "no_dual_gating", "no_cross_attention"))
+        assert adapter.kind == (method if method in kinds else "spectral_moe")
         assert adapter.use_moe == (method != "no_moe")
         assert adapter.dual_gating == (method != "no_dual_gating")
         # Unset: the paper's Eq. 6, or the released diagonal form for released weights.
         assert adapter.fusion == ("add" if method == "no_cross_attention" else None)
         assert adapter.compat is None
+        assert config.model.decoder.query_correction == (method == "depthforge")
+        parse(config)  # every variant resolves on every benchmark
+        # A variant applied over another variant's config is that method: the table is total.
+        other = config_lib.apply_method(module.get_config("depthforge" if method == "lora"
+                                                          else "lora"), method)
+        assert other.to_dict() == config.to_dict(), method
     with pytest.raises(ValueError, match="bogus"):
         module.get_config("bogus")
 

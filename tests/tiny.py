@@ -22,7 +22,8 @@ def tiny_config(variant=None, *, crop=64, batch_size=2, num_steps=4):
     config.model.vfm.overrides.update(vit)
     config.model.depth.overrides.update(vit)
     config.model.adapter.update(dict(num_experts=3, rank=2, num_tokens=16, num_queries=16,
-                                     query_dim=WIDTH))
+                                     query_dim=WIDTH, lora_rank=2, adaptformer_bottleneck=8,
+                                     vpt_tokens=4, sample_group_train=batch_size))
     config.model.decoder.update(dict(
         hidden_dim=WIDTH, num_queries=16, encoder_layers=1, encoder_heads=2, encoder_ffn_dim=WIDTH,
         decoder_layers=2, decoder_heads=2, decoder_ffn_dim=WIDTH, num_groups=4))

@@ -1,4 +1,5 @@
-"""Released SpectralMoE / REIN MMSegmentation checkpoints -> the segmentor's parts.
+"""Released SpectralMoE / REIN (and SET / FADA / DepthForge, conversion/methods.py) MMSegmentation
+checkpoints -> the segmentor's parts.
 
 A released `state_dict` keeps the trained parts only (the backbone's `state_dict` override drops
 the frozen weights): the adapter (`backbone.depthmoe.*` or `backbone.reins.*`) and the
@@ -13,15 +14,17 @@ import re
 
 import numpy as np
 
-from spectralmoe_jax.conversion.adapter import PREFIXES, adapter_keys, convert_adapter
+from spectralmoe_jax.conversion.adapter import PREFIXES, convert_adapter
 from spectralmoe_jax.conversion.mask2former import HF_PREFIXES, convert_hf, convert_mmseg, detect_naming
+from spectralmoe_jax.conversion.methods import (PREFIXES as METHOD_PREFIXES,
+                                                convert_method_adapter, split_query_correction)
 from spectralmoe_jax.conversion.rules import ConversionError, param_shapes
 
 PARTS = ("adapter", "head", "vfm", "depth")
 TRAINED = ("adapter", "head")
 VFM_PREFIX = "backbone."
 DEPTH_PREFIX = "backbone.depth_anything."  # PromptDA inside the released backbone wrappers
-_ADAPTER = re.compile("|".join(PREFIXES.values()))
+_ADAPTER = re.compile("|".join({*PREFIXES.values(), *METHOD_PREFIXES.values()}))
 
 
 def _is_vfm_key(key: str) -> bool:
@@ -32,7 +35,7 @@ def checkpoint_parts(state_dict) -> tuple[str, ...]:
     """Which of the segmentor's parts a released-style state dict holds, in `PARTS` order."""
     keys = list(state_dict)
     found = {
-        "adapter": adapter_keys(state_dict) is not None,
+        "adapter": any(_ADAPTER.match(k) for k in keys),
         "head": any(k.startswith(("decode_head.", *HF_PREFIXES)) for k in keys),
         "vfm": any(_is_vfm_key(k) for k in keys),
         "depth": any(k.startswith(DEPTH_PREFIX + "pretrained.") for k in keys),
@@ -55,8 +58,8 @@ def convert_trained_parts(state_dict, model, parts: tuple[str, ...] | None = Non
     parts = tuple(p for p in checkpoint_parts(state_dict) if p in TRAINED) if parts is None else parts
     if not parts:
         raise ConversionError(
-            "no SpectralMoE / REIN adapter or head in the checkpoint (backbone.depthmoe.*, "
-            f"backbone.reins.*, decode_head.*); first keys: {', '.join(list(state_dict)[:5])}")
+            "no adapter or head in the checkpoint (backbone.depthmoe.*, backbone.reins.*, "
+            f"backbone.depthforge.*, decode_head.*); first keys: {', '.join(list(state_dict)[:5])}")
     params, errors = {}, []
     for part in parts:
         module = getattr(model, part)
@@ -66,10 +69,17 @@ def convert_trained_parts(state_dict, model, parts: tuple[str, ...] | None = Non
             continue
         try:
             if part == "adapter":
-                converted = convert_adapter(state_dict, module.config)
+                kind = module.config.kind
+                convert = convert_adapter if kind in PREFIXES else convert_method_adapter
+                converted = convert(state_dict, module.config)
             else:
-                convert = convert_hf if detect_naming(state_dict) == "hf" else convert_mmseg
-                converted = convert(state_dict, expected=param_shapes(module))
+                head_state, expected, converted = state_dict, param_shapes(module), {}
+                if module.config.query_correction:  # DepthForge's head: its DQCM beside it
+                    head_state, converted = split_query_correction(state_dict)
+                    expected = {k: v for k, v in expected.items()
+                                if not k.startswith("query_correction/")}
+                convert = convert_hf if detect_naming(head_state) == "hf" else convert_mmseg
+                converted = {**converted, **convert(head_state, expected=expected)}
         except ConversionError as error:
             errors.append(f"{part}: {error}")
             continue

@@ -1,5 +1,6 @@
 """The SpectralMoE segmentor (SPEC section 1): frozen VFM + frozen depth encoder, the adapter
-after every VFM block, the four-level feature pyramid and the Mask2Former head.
+after every VFM block (or, for LoRA, AdaptFormer and VPT, inside them: `models/adapters/`), the
+four-level feature pyramid and the Mask2Former head.
 
 Which parameters train is decided by their path: everything under `vfm/` and `depth/` is
 frozen (`is_trainable` below), so the optimiser never sees them and they carry no state.
@@ -26,10 +27,10 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from spectralmoe_jax.models import resize
+from spectralmoe_jax.models import adapters, resize
 from spectralmoe_jax.models.mask2former import Mask2FormerConfig, Mask2FormerHead
 from spectralmoe_jax.models.neck import CLIPFeaturePyramid
-from spectralmoe_jax.models.spectral_moe import AdapterConfig, SpectralMoE
+from spectralmoe_jax.models.spectral_moe import AdapterConfig
 from spectralmoe_jax.models.vit import VisionTransformer, ViTConfig
 
 FROZEN_PREFIXES = ("vfm", "depth")
@@ -77,6 +78,9 @@ class SegmentorConfig:
         if self.depth is not None and max(self.depth_bands) >= self.vfm.in_channels:
             raise ValueError(f"model.depth.bands {self.depth_bands} are not among the "
                              f"{self.vfm.in_channels} input bands")
+        if self.adapter is not None:
+            adapters.check_adapter(self.adapter, self.vfm, depth=self.depth is not None,
+                                   adapter_layers=self.adapter_layers)
 
 
 def resize_bilinear(x: jax.Array, scale: float) -> jax.Array:
@@ -100,8 +104,8 @@ class Segmentor(nnx.Module):
         # nnx.data: an optional submodule stays a pytree node even when it is None.
         self.depth = nnx.data(
             VisionTransformer(config.depth, rngs=rngs) if config.depth is not None else None)
-        self.adapter = nnx.data(
-            SpectralMoE(config.adapter, rngs=rngs) if config.adapter is not None else None)
+        self.adapter = nnx.data(adapters.build_adapter(config.adapter, config.vfm, rngs=rngs)
+                                if config.adapter is not None else None)
         self.depth_proj = nnx.data(None)
         self.depth_layer_of = None  # VFM block -> the depth block whose tokens it reads
         if config.depth is not None:
@@ -136,7 +140,7 @@ class Segmentor(nnx.Module):
 
     def adapter_hook(self, depth_layers, *, train: bool, rng: jax.Array | None):
         """The VFM hook (docs/design.md) running the adapter after its blocks, or None."""
-        if self.adapter is None:
+        if self.adapter is None or adapters.in_block(self.config.adapter):
             return None
         adapter = self.adapter
         slots = None
@@ -153,7 +157,8 @@ class Segmentor(nnx.Module):
             refined, aux = adapter(jnp.maximum(slot, 0), patch_tokens, f_d, train=train,
                                    rng=layer_rng)
             active = slot >= 0
-            aux = dict(aux, balance_loss=jnp.where(active, aux["balance_loss"], 0.0))
+            if "balance_loss" in aux:
+                aux = dict(aux, balance_loss=jnp.where(active, aux["balance_loss"], 0.0))
             return jnp.where(active, refined, patch_tokens), aux
 
         return hook
@@ -168,7 +173,10 @@ class Segmentor(nnx.Module):
             wavelengths = jnp.asarray(self.config.wavelengths, jnp.float32)
 
         hook = self.adapter_hook(depth_layers, train=train, rng=rng)
-        out = self.vfm(images, hook=hook, wavelengths=wavelengths)
+        taps = None
+        if self.adapter is not None and adapters.in_block(self.config.adapter):
+            taps = self.adapter.block_taps(train=train, rng=rng)
+        out = self.vfm(images, hook=hook, wavelengths=wavelengths, taps=taps)
         features = [rearrange(out.layers[layer], "b (h w) d -> b h w d", h=out.grid[0],
                               w=out.grid[1]) for layer in self.config.feature_layers]
         if self.neck is None:
@@ -177,15 +185,17 @@ class Segmentor(nnx.Module):
             features = self.neck(features, train=train)
         query_embedding = self.adapter.query_embedding() if self.adapter is not None else None
         outputs = dict(self.head(features, query_embedding=query_embedding))
-        if out.hook_aux is not None:
+        aux = out.hook_aux or {}
+        if "balance_loss" in aux:
             # Released: the per-layer balance terms are averaged over the adapted layers.
             layers = self.config.adapter_layers
             count = self.config.vfm.depth if layers is None else len(layers)
-            outputs["balance_loss"] = jnp.sum(out.hook_aux["balance_loss"]) / count
-            outputs["expert_v"] = rearrange(out.hook_aux["expert_v"], "l b (h w) -> b l h w",
-                                            h=out.grid[0], w=out.grid[1])
+            outputs["balance_loss"] = jnp.sum(aux["balance_loss"]) / count
         else:
             outputs["balance_loss"] = jnp.zeros((), jnp.float32)
+        if "expert_v" in aux:
+            outputs["expert_v"] = rearrange(aux["expert_v"], "l b (h w) -> b l h w",
+                                            h=out.grid[0], w=out.grid[1])
         return outputs
 
 

@@ -55,7 +55,9 @@ from flax import nnx
 
 from spectralmoe_jax import sharding
 
-KINDS = ("spectral_moe", "rein")
+# SpectralMoE and REIN live here; the other methods of the paper's Table 3 in models/adapters/.
+KINDS = ("spectral_moe", "rein", "set", "fada", "depthforge", "lora", "adaptformer", "vpt")
+IN_BLOCK_KINDS = ("lora", "adaptformer", "vpt")  # inside the frozen blocks: no tokens
 COMPATS = ("paper", "released")
 FUSIONS = ("attention", "diagonal", "add")
 BALANCE_TERMS = ("importance", "load")
@@ -81,7 +83,7 @@ class AdapterConfig:
     released `LoRAReins`, whatever `compat` says.
     """
 
-    kind: str = "spectral_moe"  # 'spectral_moe' | 'rein'
+    kind: str = "spectral_moe"  # one of KINDS (docs/methods.md)
     compat: str | None = None  # 'paper' | 'released' | None: by the weights (see above)
     num_layers: int = 24  # VFM blocks refined (one adapter layer after each)
     width: int = 1024  # d: token width (the VFM's)
@@ -102,13 +104,33 @@ class AdapterConfig:
     scale_init: float = 1e-3  # alpha of Eq. 7
     query_dim: int = 256  # width of the decoder queries the expert tokens initialise
     num_queries: int = 100  # decoder queries made from the tokens (= num_tokens when linked)
-    link_token_to_query: bool = True  # released `link_token_to_query`: tokens -> query positions
-    patch_size: int = 16  # only REIN's token initialisation uses it
+    # Released `link_token_to_query`: tokens -> query positions. None: as the kind was released
+    # (the token methods link; LoRA / AdaptFormer / VPT have no tokens and keep the plain head's
+    # learned queries).
+    link_token_to_query: bool | None = None
+    patch_size: int = 16  # only the token initialisations (REIN's family, VPT) use it
+    # The other methods (models/adapters/; defaults give Table 3's counts on ViT-L).
+    lora_rank: int = 8  # LoRA r; delta (alpha / r) x A B on each target
+    lora_alpha: float = 8.0  # peft's default (= r)
+    lora_targets: tuple[str, ...] = ("q", "v")  # q, k, v | qkv (fused), proj, fc1, fc2 | w1, w2, w3
+    lora_dropout: float = 0.0  # on the targets' input, in training
+    adaptformer_bottleneck: int = 64  # AdaptFormer's hidden width (down d -> this -> up d)
+    adaptformer_scale: float = 0.1  # s of the parallel branch (the released image config)
+    adaptformer_layernorm: str = "in"  # 'in' (before down) | 'out' (after up) | 'none'
+    adaptformer_dropout: float = 0.1  # on the bottleneck, in training
+    vpt_tokens: int = 150  # VPT-deep prompts per block
+    vpt_dropout: float = 0.0  # on the prompts, in training (VPT's default 0)
+    # SET and FADA as released transform across the samples of a GPU's batch (SET's FFT over the
+    # batch axis, FADA's reshapes): how many samples share one transform in training (released
+    # batch 4 per GPU) and in evaluation (mmseg tests one image at a time).
+    sample_group_train: int = 4  # samples sharing one SET / FADA transform in training
+    sample_group_eval: int = 1  # the same in evaluation (mmseg tests one image at a time)
     dtype: Any = jnp.float32  # compute dtype; parameters are float32, the router always float32
 
     def __post_init__(self):
         # ml_collections hands over lists; the config must stay hashable (static under jit).
         object.__setattr__(self, "balance_terms", tuple(self.balance_terms))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.kind not in KINDS:
             raise ValueError(f"AdapterConfig.kind={self.kind!r}: expected one of {KINDS}")
         if self.compat not in (*COMPATS, None):
@@ -138,6 +160,8 @@ class AdapterConfig:
             )
         if self.gate_p <= 0:
             raise ValueError(f"AdapterConfig.gate_p={self.gate_p}: must be positive")
+        if self.link_token_to_query is None:
+            object.__setattr__(self, "link_token_to_query", self.kind not in IN_BLOCK_KINDS)
         if self.link_token_to_query and self.num_queries != self.num_tokens:
             raise ValueError(
                 f"AdapterConfig: link_token_to_query makes one query per token, but "
@@ -383,6 +407,17 @@ def fuse(z_v: jax.Array, z_d: jax.Array, gram: jax.Array | None, fusion: str, wi
     return weight[..., None].astype(z_v.dtype) * z_v
 
 
+def linked_queries(tokens: jax.Array, transform: nnx.Linear, merge: nnx.Linear) -> jax.Array:
+    """Rein's `return_auto` with `link_token_to_query`: tokens [L, m, c] -> queries [m, q].
+
+    Linear c -> q per layer, then max, mean and last over the layers, interleaved per channel
+    as PyTorch's flatten of [m, q, 3] does, and Linear 3 q -> q.
+    """
+    tokens = transform(tokens)
+    pooled = jnp.stack([tokens.max(axis=0), tokens.mean(axis=0), tokens[-1]], axis=-1)
+    return merge(pooled.reshape(pooled.shape[0], -1))
+
+
 class SpectralMoE(nnx.Module):
     """The adapter of all layers: SpectralMoE, its Table 4 ablations, or REIN (`config.kind`).
 
@@ -516,9 +551,7 @@ class SpectralMoE(nnx.Module):
         if not self.config.link_token_to_query:
             return None
         tokens = jnp.einsum("lemr,lerd->lmd", self.experts_a[...], self.experts_b[...])
-        tokens = self.transform(tokens / self.config.token_sets)
-        pooled = jnp.stack([tokens.max(axis=0), tokens.mean(axis=0), tokens[-1]], axis=-1)
-        return self.merge(pooled.reshape(pooled.shape[0], -1))
+        return linked_queries(tokens / self.config.token_sets, self.transform, self.merge)
 
     def _check_inputs(self, f_v, f_d, train, rng):
         c = self.config

@@ -12,8 +12,8 @@ One pre-norm transformer (SPEC 1.2) with orthogonal switches rather than a file 
   relative position biases; DOFA's wavelength-conditioned patch embedding (`dofa_embedding.py`).
 The blocks are stored stacked (leading layer axis) and run under `jax.lax.scan`, so compile time
 does not grow with depth; SAM's windowed and global blocks are two stacks run as a scan over
-groups (windowed blocks, then one global block). A hook runs after every block (docs/design.md,
-"The ViT contract").
+groups (windowed blocks, then one global block). A hook runs after every block, and `BlockTaps`
+reach inside the blocks (docs/design.md, "The ViT contract").
 
 Mixed precision as PyTorch autocast: parameters and the residual stream in float32, matmuls and
 attention in `config.dtype`, LayerNorm statistics and the attention softmax in float32.
@@ -22,6 +22,7 @@ attention in `config.dtype`, LayerNorm statistics and the attention softmax in f
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,48 @@ from spectralmoe_jax.models.attention import dot_product_attention
 from spectralmoe_jax.models.stacking import stacked
 
 Hook = Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]
+# Where `BlockTaps` reach into a block: the output of one of its linear layers (the delta's
+# input is that layer's input), or 'mlp', a branch beside the MLP whose input is the residual
+# stream before norm2 and whose output is added to the block's output (AdaptFormer's parallel
+# adapter).
+SITES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "mlp.w1", "mlp.w2", "mlp.w3", "mlp")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockTaps:
+    """An adapter inside the frozen blocks: LoRA, AdaptFormer, VPT (docs/design.md).
+
+    `params` is a pytree whose leaves all have a leading [depth] axis: the scan over blocks
+    slices it with the block parameters, so block l sees `p`, its slice l, and the gradient
+    accumulates into the stacked arrays. `delta(site, p, x)` is added to the output of every
+    site in `sites` (x: the site's input). `prompts(p)` gives `num_prompts` tokens [P, D]
+    inserted after the prefix tokens before the block and dropped after it (VPT-deep): they
+    attend and are attended, take no position embedding or RoPE, and never reach the hook or
+    the outputs. Parts left out are not traced.
+    """
+
+    params: Any
+    sites: frozenset[str] = frozenset()
+    delta: Callable[[str, Any, jax.Array], jax.Array] | None = None
+    num_prompts: int = 0
+    prompts: Callable[[Any], jax.Array] | None = None
+
+    def __post_init__(self):
+        unknown = set(self.sites) - set(SITES)
+        if unknown:
+            raise ValueError(f"BlockTaps: unknown sites {sorted(unknown)}; known: {SITES}")
+        if self.sites and self.delta is None:
+            raise ValueError(f"BlockTaps: sites {sorted(self.sites)} need a delta function")
+        if self.num_prompts and self.prompts is None:
+            raise ValueError("BlockTaps: num_prompts > 0 needs a prompts function")
+
+
+Tap = Callable[[str, jax.Array, jax.Array], jax.Array]  # (site, x, y) -> y with the site's delta
+
+
+def _tapped(tap: Tap | None, site: str, x, y):
+    """y, or y plus the adapter's delta at `site` (x the site's input)."""
+    return y if tap is None else tap(site, x, y)
 
 
 FAMILIES = ("dinov2", "dinov3", "dofa", "clip", "sam", "eva02")
@@ -315,10 +358,10 @@ class Attention(nnx.Module):
             rel_pos = [nnx.Param(jnp.zeros((2 * n - 1, head_dim), jnp.float32)) for n in rel_grid]
         self.rel_pos_h, self.rel_pos_w = rel_pos
 
-    def __call__(self, x, rope, num_prefix: int, grid: tuple[int, int]):
+    def __call__(self, x, rope, num_prefix: int, grid: tuple[int, int], tap: Tap | None = None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        qkv = jnp.dot(x.astype(dtype), self.qkv.kernel[...].astype(dtype))
+        qkv = _tapped(tap, "attn.qkv", x, jnp.dot(x.astype(dtype), self.qkv.kernel[...].astype(dtype)))
         if cfg.qkv_bias:
             bias = self.qkv.bias[...]
             if cfg.mask_k_bias:  # dinov3 LinearKMaskedBias: bias * [1, 0, 1] over (q, k, v)
@@ -338,7 +381,8 @@ class Attention(nnx.Module):
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h[...], self.rel_pos_w[...], grid)
             bias = bias.astype(dtype)
         out = dot_product_attention(q, k, v, bias=bias, implementation=cfg.attention)
-        return self.proj(rearrange(out, "b n h d -> b n (h d)"))
+        out = rearrange(out, "b n h d -> b n (h d)")
+        return _tapped(tap, "attn.proj", out, self.proj(out))
 
 
 def _quick_gelu(x):
@@ -351,10 +395,10 @@ class Mlp(nnx.Module):
         self.fc1 = _linear(config, config.width, config.mlp_dim, rngs, names=("embed", "mlp"))
         self.fc2 = _linear(config, config.mlp_dim, config.width, rngs, names=("mlp", "embed"))
 
-    def __call__(self, x):
-        h = self.fc1(x)
+    def __call__(self, x, tap: Tap | None = None):
+        h = _tapped(tap, "mlp.fc1", x, self.fc1(x))
         h = _quick_gelu(h) if self.act == "quick_gelu" else jax.nn.gelu(h, approximate=False)
-        return self.fc2(h)
+        return _tapped(tap, "mlp.fc2", h, self.fc2(h))
 
 
 class SwiGLU(nnx.Module):
@@ -367,11 +411,12 @@ class SwiGLU(nnx.Module):
         self.ffn_norm = _layer_norm(config, rngs, config.mlp_dim) if config.ffn_norm else None
         self.w3 = _linear(config, config.mlp_dim, config.width, rngs, names=("mlp", "embed"))
 
-    def __call__(self, x):
-        hidden = jax.nn.silu(self.w1(x)) * self.w2(x)
+    def __call__(self, x, tap: Tap | None = None):
+        hidden = (jax.nn.silu(_tapped(tap, "mlp.w1", x, self.w1(x)))
+                  * _tapped(tap, "mlp.w2", x, self.w2(x)))
         if self.ffn_norm is not None:
             hidden = self.ffn_norm(hidden)
-        return self.w3(hidden)
+        return _tapped(tap, "mlp.w3", hidden, self.w3(hidden))
 
 
 class LayerScale(nnx.Module):
@@ -411,18 +456,21 @@ class Block(nnx.Module):
         self.ls1 = LayerScale(config.width) if config.layerscale else None
         self.ls2 = LayerScale(config.width) if config.layerscale else None
 
-    def __call__(self, x, rope, num_prefix: int, grid: tuple[int, int]):
+    def __call__(self, x, rope, num_prefix: int, grid: tuple[int, int], tap: Tap | None = None):
         def residual(branch, scale):
             branch = branch.astype(jnp.float32)
             return branch if scale is None else scale(branch)
 
         h = self.norm1(x)
         if self.window:
-            h = windowed(self.attn, h, grid, self.window)
+            attn = self.attn if tap is None else functools.partial(self.attn, tap=tap)
+            h = windowed(attn, h, grid, self.window)
         else:
-            h = self.attn(h, rope, num_prefix, grid)
+            h = self.attn(h, rope, num_prefix, grid, tap=tap)
         x = x + residual(h, self.ls1)
-        return x + residual(self.mlp(self.norm2(x)), self.ls2)
+        # A parallel branch ('mlp') reads the stream before norm2 and is added outside the
+        # LayerScale (AdaptFormer's `Block.forward`, ffn_option='parallel').
+        return _tapped(tap, "mlp", x, x + residual(self.mlp(self.norm2(x), tap=tap), self.ls2))
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -568,7 +616,8 @@ class VisionTransformer(nnx.Module):
             return rope_lib.eva_rope_sincos(grid, head_dim, cfg.rope_base, cfg.rope_ref_grid)
         return None
 
-    def __call__(self, images, hook: Hook | None = None, wavelengths=None) -> ViTOutput:
+    def __call__(self, images, hook: Hook | None = None, wavelengths=None,
+                 taps: BlockTaps | None = None) -> ViTOutput:
         cfg = self.config
         tokens, grid = self.embed(images, wavelengths)
         num_prefix = self.num_prefix
@@ -576,15 +625,34 @@ class VisionTransformer(nnx.Module):
         if cfg.remat not in REMAT_POLICIES:
             raise ValueError(f"ViTConfig.remat={cfg.remat!r}: expected one of "
                              f"{sorted(REMAT_POLICIES)}")
+        num_prompts = taps.num_prompts if taps is not None else 0
+        if num_prompts and cfg.window_size:
+            raise ValueError("prompt tokens (VPT) have no place in windowed attention: the "
+                             "windows partition the patch grid (SAM)")
 
         def step(graphdef):
-            """The scan body of one block stack: (x, (layer params, index)) -> (x, outputs)."""
+            """The scan body of one block stack: (x, (layer params, taps' slice, index)) ->
+            (x, outputs)."""
 
             def body(x, scanned):
-                layer_state, index = scanned
+                layer_state, p, index = scanned
                 # Pins the residual stream's layout on a mesh (batch split; FSDP gathers weights).
                 x = sharding.constrain(x, "batch", "tokens", None)
-                x = nnx.merge(graphdef, layer_state)(x, rope, num_prefix, grid)
+                tap = None
+                if taps is not None and taps.sites:
+                    def tap(site, inputs, y):
+                        if site not in taps.sites:
+                            return y
+                        return y + taps.delta(site, p, inputs).astype(y.dtype)
+                if num_prompts:  # VPT-deep: this block's prompts after the prefix
+                    prompts = jnp.broadcast_to(taps.prompts(p).astype(x.dtype),
+                                               (x.shape[0], num_prompts, x.shape[-1]))
+                    x = jnp.concatenate([x[:, :num_prefix], prompts, x[:, num_prefix:]], axis=1)
+                x = nnx.merge(graphdef, layer_state)(x, rope, num_prefix + num_prompts, grid,
+                                                     tap=tap)
+                if num_prompts:  # their outputs are dropped
+                    x = jnp.concatenate([x[:, :num_prefix], x[:, num_prefix + num_prompts:]],
+                                        axis=1)
                 patches, aux = x[:, num_prefix:], None
                 if hook is not None:
                     patches, aux = hook(index, patches)
@@ -595,37 +663,47 @@ class VisionTransformer(nnx.Module):
                 body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
             return body
 
+        tap_params = None if taps is None else taps.params
         graphdef, block_state = nnx.split(self.blocks)
         if self.global_blocks is None:
             tokens, (layers, aux) = jax.lax.scan(
-                step(graphdef), tokens, (block_state, jnp.arange(cfg.depth, dtype=jnp.int32)))
+                step(graphdef), tokens,
+                (block_state, tap_params, jnp.arange(cfg.depth, dtype=jnp.int32)))
         else:
             global_graphdef, global_state = nnx.split(self.global_blocks)
             tokens, (layers, aux) = self._grouped_scan(
-                step(graphdef), step(global_graphdef), tokens, block_state, global_state)
+                step(graphdef), step(global_graphdef), tokens, block_state, global_state,
+                tap_params)
         normed = tokens if self.norm is None else self.norm(tokens)
         return ViTOutput(tokens=tokens, normed=normed, layers=layers, hook_aux=aux, grid=grid,
                          num_prefix=num_prefix)
 
-    def _grouped_scan(self, window_body, global_body, tokens, window_state, global_state):
+    def _grouped_scan(self, window_body, global_body, tokens, window_state, global_state,
+                      tap_params=None):
         """SAM's layout: G groups of (period - 1) windowed blocks and one global block, as a scan
-        over groups holding a scan over the windowed blocks: two compiled block bodies."""
+        over groups holding a scan over the windowed blocks: two compiled block bodies. The
+        taps' per-block parameters (in block order) are split the same way."""
         cfg = self.config
         groups = len(cfg.global_blocks)
         period = cfg.depth // groups
         window_state = jax.tree.map(
             lambda a: a.reshape(groups, period - 1, *a.shape[1:]), window_state)
+        by_group = jax.tree.map(lambda a: a.reshape(groups, period, *a.shape[1:]), tap_params)
+        window_taps = jax.tree.map(lambda a: a[:, :-1], by_group)
+        global_taps = jax.tree.map(lambda a: a[:, -1], by_group)
 
         def group(x, scanned):
-            layer_states, global_layer, g = scanned
+            layer_states, layer_taps, global_layer, global_tap, g = scanned
             first = g * period
             x, (patches, aux) = jax.lax.scan(
-                window_body, x, (layer_states, first + jnp.arange(period - 1, dtype=jnp.int32)))
-            x, (last, last_aux) = global_body(x, (global_layer, first + period - 1))
+                window_body, x,
+                (layer_states, layer_taps, first + jnp.arange(period - 1, dtype=jnp.int32)))
+            x, (last, last_aux) = global_body(x, (global_layer, global_tap, first + period - 1))
             append = lambda many, one: jnp.concatenate([many, one[None]], axis=0)  # noqa: E731
             return x, (append(patches, last), jax.tree.map(append, aux, last_aux))
 
         tokens, (layers, aux) = jax.lax.scan(
-            group, tokens, (window_state, global_state, jnp.arange(groups, dtype=jnp.int32)))
+            group, tokens, (window_state, window_taps, global_state, global_taps,
+                            jnp.arange(groups, dtype=jnp.int32)))
         flatten = lambda a: a.reshape(cfg.depth, *a.shape[2:])  # noqa: E731
         return tokens, (flatten(layers), jax.tree.map(flatten, aux))

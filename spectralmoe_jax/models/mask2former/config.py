@@ -33,6 +33,9 @@ class Mask2FormerConfig:
     # REIN / released option `replace_query_feat`: query features = Linear(query position
     # embedding) instead of a learned table.
     replace_query_feat: bool = False
+    # DepthForge's released head: its Dynamic Query Correction Module adds a gated fusion of
+    # all levels to the stride-4 map before the pixel decoder (`query_correction.py`).
+    query_correction: bool = False
     # Decoder attention kernel, `models.attention`: None / "xla", "cudnn" or "auto" (cuDNN flash
     # attention for bf16 on a GPU, XLA elsewhere). On an H100 cuDNN halves the train step's
     # transposes: XLA's batched matmuls over (batch, heads) need heads-major copies of every

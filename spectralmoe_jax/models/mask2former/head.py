@@ -9,6 +9,7 @@ from flax import nnx
 
 from spectralmoe_jax.models.mask2former.config import Mask2FormerConfig
 from spectralmoe_jax.models.mask2former.pixel_decoder import PixelDecoder
+from spectralmoe_jax.models.mask2former.query_correction import QueryCorrection
 from spectralmoe_jax.models.mask2former.transformer_decoder import MaskedAttentionDecoder
 
 
@@ -22,10 +23,16 @@ class Mask2FormerHead(nnx.Module):
 
     def __init__(self, config: Mask2FormerConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.query_correction = nnx.data(
+            QueryCorrection(config.in_channels[0], len(config.in_channels), dtype=config.dtype,
+                            rngs=rngs) if config.query_correction else None)
         self.pixel_decoder = PixelDecoder(config, rngs=rngs)
         self.transformer_decoder = MaskedAttentionDecoder(config, rngs=rngs)
 
     def __call__(self, features: Sequence[jax.Array], query_embedding=None):
+        if self.query_correction is not None:
+            features = [features[0] + self.query_correction(features).astype(features[0].dtype),
+                        *features[1:]]
         mask_features, multi_scale = self.pixel_decoder(features)
         class_logits, mask_logits = self.transformer_decoder(
             multi_scale, mask_features, query_embedding
