@@ -28,12 +28,8 @@ class DepthForge(token_sets.TokenAdapter):
     (d -> d), scale, transform, merge: the released names."""
 
     def __init__(self, config: AdapterConfig, *, rngs: nnx.Rngs):
-        c = config
-        self._shared(c, c.width, rngs)
-        self.learnable_tokens_a, self.learnable_tokens_b = token_sets.lora_tokens(
-            c.num_layers, c.num_tokens, c.rank, c.width, patch_size=c.patch_size,
-            bound_width=c.width, rngs=rngs)
-        self.mlp_token2feat, self.mlp_delta_f = self.linears(c.width, rngs)
+        self._shared(config, config.width, rngs)
+        self._rein_set(rngs)
 
     def tokens(self, layer_index) -> jax.Array:
         return (token_sets.at_layer(self.learnable_tokens_a, layer_index)

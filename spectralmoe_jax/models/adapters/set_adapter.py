@@ -101,12 +101,9 @@ class SET(token_sets.TokenAdapter):
     def __init__(self, config: AdapterConfig, *, rngs: nnx.Rngs):
         c = config
         self._shared(c, c.width, rngs)
-        self.learnable_tokens_a, self.learnable_tokens_b = token_sets.lora_tokens(
-            c.num_layers, c.num_tokens, c.rank, c.width, patch_size=c.patch_size,
-            bound_width=c.width, rngs=rngs)
+        self._rein_set(rngs)  # the phase set
         self.learnable_tokens2 = token_sets.full_tokens(
             c.num_layers, c.num_tokens, c.width, patch_size=c.patch_size, rngs=rngs)
-        self.mlp_token2feat, self.mlp_delta_f = self.linears(c.width, rngs)
         self.mlp_token2feat2, self.mlp_delta_f2 = self.linears(c.width, rngs)
 
     def __call__(self, layer_index, f_v, f_d=None, *, train: bool, rng=None):

@@ -81,6 +81,15 @@ class TokenAdapter(nnx.Module):
             self.transform = _torch_linear(query_width, config.query_dim, jnp.float32, rngs)
             self.merge = _torch_linear(3 * config.query_dim, config.query_dim, jnp.float32, rngs)
 
+    def _rein_set(self, rngs: nnx.Rngs) -> None:
+        """REIN's low-rank token set at the ViT width and its two linears, by the released
+        names: learnable_tokens_a / _b, mlp_token2feat, mlp_delta_f."""
+        c = self.config
+        self.learnable_tokens_a, self.learnable_tokens_b = lora_tokens(
+            c.num_layers, c.num_tokens, c.rank, c.width, patch_size=c.patch_size,
+            bound_width=c.width, rngs=rngs)
+        self.mlp_token2feat, self.mlp_delta_f = self.linears(c.width, rngs)
+
     def linears(self, width: int, rngs: nnx.Rngs) -> tuple[nnx.Linear, nnx.Linear]:
         """mlp_token2feat and mlp_delta_f (c -> c): kaiming_uniform(a=sqrt 5) weights and
         PyTorch's default biases, i.e. both U(+-1/sqrt(c))."""
