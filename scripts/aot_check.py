@@ -224,8 +224,9 @@ def check(program, target: Target, mesh, args) -> dict:
         out_shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), outputs)
     for path in glob.glob(os.path.join(DUMP_DIR, "*")):
         os.remove(path) if os.path.isfile(path) else shutil.rmtree(path)
-    compiled, record = compile_program(program, in_shardings=in_shardings,
-                                       out_shardings=out_shardings)
+    with jax.set_mesh(mesh):  # programs that need the mesh itself (shard_map) read it here
+        compiled, record = compile_program(program, in_shardings=in_shardings,
+                                           out_shardings=out_shardings)
     text = compiled.as_text()
     record["hlo"] = hlo_stats(text)
     assignment = sorted(glob.glob(os.path.join(DUMP_DIR, "*buffer-assignment.txt")),

@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from bench.program import Context, Program
 from spectralmoe_jax.models.attention import dot_product_attention
@@ -21,7 +22,25 @@ SPLASH = ("splash", "splash128")
 
 
 def splash_attention(q, k, v, *, head_dim_multiple: int = 1, pad_multiple: int = 128):
-    """[B, T, H, Dh] self-attention by the TPU splash kernel on padded tokens (and head_dim)."""
+    """[B, T, H, Dh] self-attention by the TPU splash kernel on padded tokens (and head_dim).
+
+    XLA cannot partition a Mosaic kernel ("Mosaic kernels cannot be automatically
+    partitioned"): under a mesh with a 'data' axis (aot_check.py sets its mesh) each device
+    runs the kernel on its own slice of the batch, in a shard_map.
+    """
+    def local(q, k, v):
+        return _splash_local(q, k, v, head_dim_multiple=head_dim_multiple,
+                             pad_multiple=pad_multiple)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get("data", 1) == 1:
+        return local(q, k, v)
+    batch = PartitionSpec("data")
+    return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, batch), out_specs=batch,
+                         check_vma=False)(q, k, v)
+
+
+def _splash_local(q, k, v, *, head_dim_multiple: int, pad_multiple: int):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
