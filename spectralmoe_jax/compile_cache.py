@@ -21,6 +21,8 @@ import os
 import threading
 import time
 
+from spectralmoe_jax.io.files import write_atomic
+
 NOTICE_AFTER_S = float(os.environ.get("SPECTRALMOE_COMPILE_NOTICE_S", "10"))
 TIMES_FILE = "compile_times.json"  # in the cache folder: seconds of the last compile, per program
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # jax/_src/dispatch.py
@@ -112,11 +114,8 @@ class CompileNotices:
 
     def _record(self, name: str, duration: float) -> None:
         times = dict(self.times(), **{name: round(duration, 1)})
-        tmp = f"{self.times_path}.{os.getpid()}"
         try:
-            with open(tmp, "w") as f:
-                json.dump(times, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.times_path)
+            write_atomic(self.times_path, json.dumps(times, indent=1, sort_keys=True))
         except OSError:
             pass  # a read-only cache folder: no estimate next time, nothing else lost
 

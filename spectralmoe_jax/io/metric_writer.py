@@ -15,6 +15,8 @@ import time
 import jax
 import numpy as np
 
+from spectralmoe_jax.io.files import write_atomic
+
 
 def _plain(value):
     if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
@@ -57,12 +59,7 @@ class MetricWriter:
         if not self.enabled or not os.path.exists(self.path):
             return
         kept = [r for r in self.records() if step is not None and r.get("step", 0) <= step]
-        temporary = self.path + ".tmp"
-        with open(temporary, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, self.path)
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def last(self, kind: str = "train") -> dict:
         """The last record of `kind`, without its bookkeeping keys ({} if none)."""

@@ -23,6 +23,7 @@ import sys
 from absl import logging
 
 from spectralmoe_jax.errors import UserError
+from spectralmoe_jax.io.files import write_atomic
 
 LOCK_FILE = "lock.json"
 CONFIG_FILE = "config.json"
@@ -156,14 +157,9 @@ class WorkdirLock:
 # --- the run a workdir holds -----------------------------------------------------------------
 
 def write_config(workdir: str, record: dict) -> None:
-    """`config.json`, written whole or not at all (a new file renamed over the old)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    temporary = path + ".tmp"
-    with open(temporary, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    """`config.json`, written whole or not at all."""
+    write_atomic(os.path.join(workdir, CONFIG_FILE),
+                 json.dumps(record, indent=2, sort_keys=True, default=str))
 
 
 def read_config(workdir: str) -> dict | None:
